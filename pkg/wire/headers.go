@@ -1,0 +1,52 @@
+package wire
+
+// NATS header keys of stage, expert and challenge requests. Trace context
+// travels beside them under the W3C keys "traceparent" and "tracestate".
+const (
+	// HdrRequest is the request (session) id; executors key KV caches by it.
+	HdrRequest = "Tessera-Request"
+	// HdrModel is the model id.
+	HdrModel = "Tessera-Model"
+	// HdrPlan is the plan version the route was taken from.
+	HdrPlan = "Tessera-Plan"
+	// HdrCustomer is the customer the work is for (usage attribution).
+	HdrCustomer = "Tessera-Customer"
+	// HdrPos is the position of the frame's first row in the sequence.
+	HdrPos = "Tessera-Pos"
+	// HdrRange is this hop's layer range "first:end".
+	HdrRange = "Tessera-Range"
+	// HdrRoute is the remaining hops after this one, "node:first:end,..."; the
+	// last hop replies to the original requester.
+	HdrRoute = "Tessera-Route"
+	// HdrPhase is "prefill" or "decode" (usage counts prompt and generated
+	// tokens apart).
+	HdrPhase = "Tessera-Phase"
+	// HdrLogits is "last" (logits of the last row only, the default) or
+	// "all" (every row, for evaluation).
+	HdrLogits = "Tessera-Logits"
+	// HdrError is set on error replies: "<code>: <message>".
+	HdrError = "Tessera-Error"
+	// HdrNode is set on replies: the node that produced it.
+	HdrNode = "Tessera-Node"
+	// HdrComputeUS is set on replies: compute time spent in microseconds.
+	HdrComputeUS = "Tessera-Compute-Us"
+	// HdrEventID mirrors the JetStream de-duplication header on usage events.
+	HdrMsgID = "Nats-Msg-Id"
+)
+
+// Error codes carried in HdrError.
+const (
+	// ErrCodeKVMiss: the node lacks the KV cache for the request's earlier
+	// positions (it is a new replica); the requester re-sends the prefix.
+	ErrCodeKVMiss = "kv_miss"
+	// ErrCodeBadRequest: the request was malformed; it was dead-lettered.
+	ErrCodeBadRequest = "bad_request"
+	// ErrCodeNotLoaded: the node does not hold the requested layers.
+	ErrCodeNotLoaded = "not_loaded"
+	// ErrCodeOverloaded: the node's queue is full.
+	ErrCodeOverloaded = "overloaded"
+	// ErrCodeDraining: the node is draining and takes no new requests.
+	ErrCodeDraining = "draining"
+	// ErrCodeInternal: the node failed.
+	ErrCodeInternal = "internal"
+)
