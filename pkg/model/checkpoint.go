@@ -1,0 +1,222 @@
+// Package model reads model checkpoints and tokenizers and describes models
+// as fragments: the embedding, one fragment per layer, and the head.
+package model
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math"
+	"os"
+
+	"github.com/tessera-grid/tessera/pkg/wire"
+)
+
+// Checkpoint is a dense Llama model in memory, float32, row-major (out × in).
+// Per-layer tensors are indexed by layer.
+type Checkpoint struct {
+	Config wire.ModelConfig
+	// TokenEmbedding is vocab × dim.
+	TokenEmbedding []float32
+	AttnNorm       [][]float32 // dim
+	Wq             [][]float32 // dim × dim
+	Wk             [][]float32 // kvDim × dim
+	Wv             [][]float32 // kvDim × dim
+	Wo             [][]float32 // dim × dim
+	FFNNorm        [][]float32 // dim
+	W1             [][]float32 // hidden × dim (gate)
+	W2             [][]float32 // dim × hidden (down)
+	W3             [][]float32 // hidden × dim (up)
+	FinalNorm      []float32   // dim
+	// Classifier is vocab × dim; it aliases TokenEmbedding when shared.
+	Classifier []float32
+}
+
+// KVDim is the width of one position's keys (or values) in one layer.
+func KVDim(c wire.ModelConfig) int { return c.Dim * c.KVHeads / c.Heads }
+
+// HeadSize is the width of one attention head.
+func HeadSize(c wire.ModelConfig) int { return c.Dim / c.Heads }
+
+// llama2cHeaderSize is the legacy (version 0) llama2.c header: 7 int32.
+const llama2cHeaderSize = 7 * 4
+
+// maxDim bounds header fields so that a malformed file cannot ask for an
+// absurd allocation before the size check.
+const maxDim = 1 << 20
+
+// ValidateConfig checks that c describes a runnable transformer.
+func ValidateConfig(c wire.ModelConfig) error {
+	fields := []struct {
+		name string
+		v    int
+	}{
+		{"dim", c.Dim}, {"hidden_dim", c.HiddenDim}, {"n_layers", c.Layers}, {"n_heads", c.Heads},
+		{"n_kv_heads", c.KVHeads}, {"vocab_size", c.Vocab}, {"seq_len", c.SeqLen},
+	}
+	for _, f := range fields {
+		if f.v <= 0 || f.v > maxDim {
+			return fmt.Errorf("%s = %d out of range (1..%d)", f.name, f.v, maxDim)
+		}
+	}
+	if c.Layers > 4096 {
+		return fmt.Errorf("n_layers = %d out of range (1..4096)", c.Layers)
+	}
+	if c.Dim%c.Heads != 0 {
+		return fmt.Errorf("dim %d not divisible by n_heads %d", c.Dim, c.Heads)
+	}
+	if c.Heads%c.KVHeads != 0 {
+		return fmt.Errorf("n_heads %d not divisible by n_kv_heads %d", c.Heads, c.KVHeads)
+	}
+	if (c.Dim/c.Heads)%2 != 0 {
+		return fmt.Errorf("head size %d is odd (rotary positions need pairs)", c.Dim/c.Heads)
+	}
+	return nil
+}
+
+// LoadCheckpoint reads a llama2.c checkpoint (legacy version 0 format: a
+// header of seven int32 then float32 tensors) from path.
+func LoadCheckpoint(path string) (*Checkpoint, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("checkpoint: %w", err)
+	}
+	return ParseCheckpoint(path, b)
+}
+
+// ParseCheckpoint decodes a llama2.c checkpoint held in b; name is used in
+// errors, which give the byte offset of the problem.
+func ParseCheckpoint(name string, b []byte) (*Checkpoint, error) {
+	if len(b) < llama2cHeaderSize {
+		return nil, fmt.Errorf("checkpoint %s: %d bytes, shorter than the %d-byte header (offset %d)", name, len(b), llama2cHeaderSize, len(b))
+	}
+	h := make([]int32, 7)
+	for i := range h {
+		h[i] = int32(binary.LittleEndian.Uint32(b[4*i:]))
+	}
+	c := wire.ModelConfig{
+		Dim: int(h[0]), HiddenDim: int(h[1]), Layers: int(h[2]), Heads: int(h[3]),
+		KVHeads: int(h[4]), Vocab: int(h[5]), SeqLen: int(h[6]),
+	}
+	// A negative vocab size means the classifier is stored separately.
+	c.SharedClassifier = c.Vocab > 0
+	if c.Vocab < 0 {
+		c.Vocab = -c.Vocab
+	}
+	if err := ValidateConfig(c); err != nil {
+		return nil, fmt.Errorf("checkpoint %s: header (offset 0): %w", name, err)
+	}
+	kv := KVDim(c)
+	hs := HeadSize(c)
+	L, d, f := c.Layers, c.Dim, c.HiddenDim
+	sizes := []int{
+		c.Vocab * d, L * d, L * d * d, L * kv * d, L * kv * d, L * d * d, L * d,
+		L * f * d, L * d * f, L * f * d, d, c.SeqLen * hs / 2, c.SeqLen * hs / 2,
+	}
+	if !c.SharedClassifier {
+		sizes = append(sizes, c.Vocab*d)
+	}
+	want := int64(llama2cHeaderSize)
+	for _, s := range sizes {
+		want += 4 * int64(s)
+	}
+	if int64(len(b)) < want {
+		return nil, fmt.Errorf("checkpoint %s: truncated: header describes %d bytes, file has %d (data ends at offset %d)", name, want, len(b), len(b))
+	}
+	if int64(len(b)) > want {
+		return nil, fmt.Errorf("checkpoint %s: %d unexpected trailing bytes at offset %d", name, int64(len(b))-want, want)
+	}
+	off := llama2cHeaderSize
+	next := func(n int) []float32 {
+		v := make([]float32, n)
+		for i := range v {
+			v[i] = math.Float32frombits(binary.LittleEndian.Uint32(b[off+4*i:]))
+		}
+		off += 4 * n
+		return v
+	}
+	split := func(all []float32, L int) [][]float32 {
+		out := make([][]float32, L)
+		n := len(all) / L
+		for i := range out {
+			out[i] = all[i*n : (i+1)*n : (i+1)*n]
+		}
+		return out
+	}
+	ck := &Checkpoint{Config: c}
+	ck.TokenEmbedding = next(c.Vocab * d)
+	ck.AttnNorm = split(next(L*d), L)
+	ck.Wq = split(next(L*d*d), L)
+	ck.Wk = split(next(L*kv*d), L)
+	ck.Wv = split(next(L*kv*d), L)
+	ck.Wo = split(next(L*d*d), L)
+	ck.FFNNorm = split(next(L*d), L)
+	ck.W1 = split(next(L*f*d), L)
+	ck.W2 = split(next(L*d*f), L)
+	ck.W3 = split(next(L*f*d), L)
+	ck.FinalNorm = next(d)
+	off += 4 * c.SeqLen * hs // legacy freq_cis_real and freq_cis_imag, unused
+	if c.SharedClassifier {
+		ck.Classifier = ck.TokenEmbedding
+	} else {
+		ck.Classifier = next(c.Vocab * d)
+	}
+	for i, x := range ck.FinalNorm {
+		if math.IsNaN(float64(x)) || math.IsInf(float64(x), 0) {
+			return nil, fmt.Errorf("checkpoint %s: final norm weight %d is not finite", name, i)
+		}
+	}
+	return ck, nil
+}
+
+// Encode writes ck in llama2.c's legacy format (the inverse of
+// ParseCheckpoint); the legacy rotary tables are written as zeros.
+func (ck *Checkpoint) Encode() []byte {
+	c := ck.Config
+	vocab := int32(c.Vocab)
+	if !c.SharedClassifier {
+		vocab = -vocab
+	}
+	hs := HeadSize(c)
+	out := make([]byte, 0, llama2cHeaderSize+4*ParamCount(c))
+	for _, v := range []int32{int32(c.Dim), int32(c.HiddenDim), int32(c.Layers), int32(c.Heads), int32(c.KVHeads), vocab, int32(c.SeqLen)} {
+		out = binary.LittleEndian.AppendUint32(out, uint32(v))
+	}
+	put := func(v []float32) {
+		for _, x := range v {
+			out = binary.LittleEndian.AppendUint32(out, math.Float32bits(x))
+		}
+	}
+	putL := func(v [][]float32) {
+		for _, l := range v {
+			put(l)
+		}
+	}
+	put(ck.TokenEmbedding)
+	putL(ck.AttnNorm)
+	putL(ck.Wq)
+	putL(ck.Wk)
+	putL(ck.Wv)
+	putL(ck.Wo)
+	putL(ck.FFNNorm)
+	putL(ck.W1)
+	putL(ck.W2)
+	putL(ck.W3)
+	put(ck.FinalNorm)
+	put(make([]float32, c.SeqLen*hs))
+	if !c.SharedClassifier {
+		put(ck.Classifier)
+	}
+	return out
+}
+
+// ParamCount is the number of float32 values of a model with config c,
+// counting the classifier only when it is not shared.
+func ParamCount(c wire.ModelConfig) int64 {
+	kv := int64(KVDim(c))
+	d, f, L := int64(c.Dim), int64(c.HiddenDim), int64(c.Layers)
+	n := int64(c.Vocab)*d + L*(2*d+2*d*d+2*kv*d+3*f*d) + d
+	if !c.SharedClassifier {
+		n += int64(c.Vocab) * d
+	}
+	return n
+}
