@@ -2,6 +2,7 @@ package compute
 
 import (
 	"github.com/tessera-grid/tessera/pkg/model"
+	"github.com/tessera-grid/tessera/pkg/wire"
 )
 
 // LayerFromCheckpoint wraps layer i of ck (sharing its memory).
@@ -38,4 +39,66 @@ func StageFromCheckpoint(ck *model.Checkpoint, first, end int, pool *Pool) (*Sta
 		head = &Head{Norm: ck.FinalNorm, Classifier: NewMatrixF32(c.Vocab, c.Dim, ck.Classifier)}
 	}
 	return NewStage(c, first, end, emb, layers, head, pool)
+}
+
+// LayerFromFragment builds layer weights from a decoded layer fragment;
+// the matrices alias the fragment's memory.
+func LayerFromFragment(c wire.ModelConfig, f *model.Fragment) (*Layer, error) {
+	d, kv, h := c.Dim, KVDim(c), c.HiddenDim
+	l := &Layer{}
+	var err error
+	vec := func(name string, n int) []float32 {
+		if err != nil {
+			return nil
+		}
+		var v []float32
+		v, err = f.F32(name, n)
+		return v
+	}
+	mat := func(name string, rows, cols int) *Matrix {
+		if err != nil {
+			return nil
+		}
+		var v []float32
+		v, err = f.F32(name, rows, cols)
+		if err != nil {
+			return nil
+		}
+		return NewMatrixF32(rows, cols, v)
+	}
+	l.AttnNorm = vec("attn_norm", d)
+	l.Wq = mat("wq", d, d)
+	l.Wk = mat("wk", kv, d)
+	l.Wv = mat("wv", kv, d)
+	l.Wo = mat("wo", d, d)
+	l.FFNNorm = vec("ffn_norm", d)
+	l.W1 = mat("w1", h, d)
+	l.W2 = mat("w2", d, h)
+	l.W3 = mat("w3", h, d)
+	if err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+// EmbeddingFromFragment builds the embedding from its fragment.
+func EmbeddingFromFragment(c wire.ModelConfig, f *model.Fragment) (*Embedding, error) {
+	t, err := f.F32("token_embedding", c.Vocab, c.Dim)
+	if err != nil {
+		return nil, err
+	}
+	return &Embedding{Table: t}, nil
+}
+
+// HeadFromFragment builds the head from its fragment.
+func HeadFromFragment(c wire.ModelConfig, f *model.Fragment) (*Head, error) {
+	n, err := f.F32("norm", c.Dim)
+	if err != nil {
+		return nil, err
+	}
+	w, err := f.F32("classifier", c.Vocab, c.Dim)
+	if err != nil {
+		return nil, err
+	}
+	return &Head{Norm: n, Classifier: NewMatrixF32(c.Vocab, c.Dim, w)}, nil
 }
