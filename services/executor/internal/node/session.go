@@ -1,0 +1,216 @@
+package node
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/tessera-grid/tessera/pkg/compute"
+	"github.com/tessera-grid/tessera/pkg/model"
+	"github.com/tessera-grid/tessera/pkg/subjects"
+	"github.com/tessera-grid/tessera/pkg/wire"
+)
+
+// sessionKey identifies one request's state on one layer range.
+type sessionKey struct {
+	request    string
+	model      string
+	first, end int
+}
+
+// session is one request's KV cache and usage on this node.
+type session struct {
+	key      sessionKey
+	cache    *compute.Cache
+	customer string
+	usage    wire.UsageEvent
+	last     time.Time
+}
+
+// session returns j's session, creating it on first use.
+func (n *Node) session(j *job, man wire.ModelManifest) *session {
+	key := sessionKey{request: j.request, model: j.model, first: j.first, end: j.end}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	se := n.sessions[key]
+	if se == nil {
+		se = &session{key: key, cache: compute.NewCache(man.Config, j.end-j.first), customer: j.customer}
+		se.usage.Start = time.Now().UTC()
+		n.sessions[key] = se
+	}
+	se.last = time.Now()
+	return se
+}
+
+// account adds one served job to the session's usage.
+func (se *session) account(j *job, took time.Duration, man wire.ModelManifest) {
+	u := &se.usage
+	rows := int64(j.rows)
+	if j.phase == "prefill" {
+		u.PromptTokens += rows
+	} else {
+		u.GeneratedTokens += rows
+	}
+	layers := int64(j.end - j.first)
+	u.LayerTokens += rows * layers
+	u.Messages++
+	cfg := man.Config
+	perLayer := (model.FLOPsPerToken(cfg) - 2*int64(cfg.Vocab)*int64(cfg.Dim)) / int64(cfg.Layers)
+	u.FLOPs += rows * layers * perLayer
+	if j.end == cfg.Layers {
+		logitRows := int64(1)
+		if j.logits == "all" {
+			logitRows = rows
+		}
+		u.FLOPs += logitRows * 2 * int64(cfg.Vocab) * int64(cfg.Dim)
+	}
+	u.ComputeUS += took.Microseconds()
+	u.End = time.Now().UTC()
+}
+
+// onRelease frees every cache of a finished request and publishes its usage.
+func (n *Node) onRelease(msg *nats.Msg) {
+	var c wire.Control
+	if err := wire.Decode(msg.Data, &c); err != nil || c.Op != "release" || subjects.Token(c.Request) != nil {
+		if err == nil {
+			err = fmt.Errorf("want op release with a request id, got %+v", c)
+		}
+		n.deadLetter(msg, "bad_release", err)
+		return
+	}
+	n.release(func(k sessionKey) bool { return k.request == c.Request }, "request finished")
+}
+
+// onControl handles control messages addressed to this node.
+func (n *Node) onControl(msg *nats.Msg) {
+	var c wire.Control
+	if err := wire.Decode(msg.Data, &c); err != nil {
+		n.deadLetter(msg, "bad_control", err)
+		return
+	}
+	switch c.Op {
+	case "release":
+		n.release(func(k sessionKey) bool { return k.request == c.Request }, "request finished")
+	case "drain":
+		n.SetDraining()
+	default:
+		n.deadLetter(msg, "bad_control", fmt.Errorf("unknown op %q", c.Op))
+		return
+	}
+	if msg.Reply != "" {
+		_ = msg.Respond([]byte(`{"ok":true}`))
+	}
+}
+
+// release removes the sessions match selects and publishes their usage.
+func (n *Node) release(match func(sessionKey) bool, why string) {
+	n.mu.Lock()
+	var done []*session
+	for k, se := range n.sessions {
+		if match(k) {
+			done = append(done, se)
+			delete(n.sessions, k)
+		}
+	}
+	n.trimUnused()
+	n.mu.Unlock()
+	if len(done) > 0 {
+		n.publishUsage(done, why)
+	}
+}
+
+// releaseAll releases every session (at shutdown).
+func (n *Node) releaseAll(why string) {
+	n.release(func(sessionKey) bool { return true }, why)
+}
+
+// reapIdle releases sessions that saw no traffic for SessionIdle (their
+// requester vanished), so caches never leak.
+func (n *Node) reapIdle(ctx context.Context) {
+	t := time.NewTicker(n.opts.SessionIdle / 4)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			cut := time.Now().Add(-n.opts.SessionIdle)
+			n.mu.Lock()
+			var idle []sessionKey
+			for k, se := range n.sessions {
+				if se.last.Before(cut) {
+					idle = append(idle, k)
+				}
+			}
+			n.mu.Unlock()
+			if len(idle) > 0 {
+				set := map[sessionKey]bool{}
+				for _, k := range idle {
+					set[k] = true
+				}
+				n.release(func(k sessionKey) bool { return set[k] }, "idle")
+			} else {
+				n.mu.Lock()
+				n.trimUnused()
+				n.mu.Unlock()
+			}
+		}
+	}
+}
+
+// Sessions is the number of open request sessions (KV caches held).
+func (n *Node) Sessions() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return len(n.sessions)
+}
+
+// usageID is the event id of a session's usage: stable, so that a
+// re-publish is de-duplicated by the stream.
+func usageID(node string, k sessionKey) string {
+	h := sha256.Sum256([]byte(fmt.Sprintf("%s|%s|%s|%d|%d", k.request, node, k.model, k.first, k.end)))
+	return hex.EncodeToString(h[:16])
+}
+
+// publishUsage publishes one usage event per session, signed as a batch.
+func (n *Node) publishUsage(done []*session, why string) {
+	events := make([]*wire.UsageEvent, 0, len(done))
+	for _, se := range done {
+		u := se.usage
+		u.ID = usageID(n.opts.ID, se.key)
+		u.Request = se.key.request
+		u.Customer = se.customer
+		if u.Customer == "" {
+			u.Customer = "anonymous"
+		}
+		u.Supplier = n.opts.Supplier
+		u.Node = n.opts.ID
+		u.Model = se.key.model
+		u.Fragment = fmt.Sprintf("layers[%d,%d)", se.key.first, se.key.end)
+		u.DeviceType = n.opts.DeviceType
+		if u.End.IsZero() {
+			u.End = u.Start
+		}
+		if n.opts.Signer != nil {
+			u.PublicKey = n.opts.Signer.PublicKey()
+		}
+		events = append(events, &u)
+	}
+	if n.opts.Signer != nil {
+		if err := n.opts.Signer.SignUsage(events); err != nil {
+			n.log.Error("usage not signed", "err", err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, u := range events {
+		if err := n.publishEvent(ctx, u); err != nil {
+			n.log.Error("usage event not published", "id", u.ID, "request", u.Request, "err", err)
+		}
+	}
+	n.log.Debug("usage published", "events", len(events), "why", why)
+}

@@ -1,0 +1,142 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
+
+	"github.com/tessera-grid/tessera/pkg/subjects"
+	"github.com/tessera-grid/tessera/pkg/wire"
+	"github.com/tessera-grid/tessera/services/router/internal/generate"
+)
+
+// HdrStreamInbox names, on a NATS completion request with stream true, the
+// subject that receives each chunk as it is generated; the final response
+// is the request's reply.
+const HdrStreamInbox = "Tessera-Stream-Inbox"
+
+// AddNATS registers the router's micro service ("router") with the
+// completions, chat and models endpoints on nc.
+func (s *Server) AddNATS(nc *nats.Conn, version string) (micro.Service, error) {
+	svc, err := micro.AddService(nc, micro.Config{Name: "router", Version: version, Description: "OpenAI-compatible completions over NATS"})
+	if err != nil {
+		return nil, err
+	}
+	eps := []struct {
+		name, subject string
+		h             micro.HandlerFunc
+	}{
+		{"completions", subjects.Completions, s.natsCompletion},
+		{"chat", subjects.ChatCompletions, s.natsChat},
+		{"models", subjects.Models, func(r micro.Request) { _ = r.RespondJSON(s.ModelList()) }},
+	}
+	for _, ep := range eps {
+		// Each request runs in its own goroutine: a long generation must not
+		// hold up the next request.
+		h := ep.h
+		if err := svc.AddEndpoint(ep.name, micro.HandlerFunc(func(r micro.Request) { go h(r) }), micro.WithEndpointSubject(ep.subject)); err != nil {
+			return nil, err
+		}
+	}
+	return svc, nil
+}
+
+func natsError(r micro.Request, e *apiError) {
+	c := e.code
+	b, _ := json.Marshal(wire.ErrorResponse{Error: wire.ErrorBody{Message: e.msg, Type: e.typ, Code: &c}})
+	_ = r.Error(itoa(e.status), e.msg, b)
+}
+
+func itoa(i int) string {
+	b, _ := json.Marshal(i)
+	return string(b)
+}
+
+func (s *Server) natsCustomer(r micro.Request) (string, *apiError) {
+	token, _ := strings.CutPrefix(r.Headers().Get("Authorization"), "Bearer ")
+	cust, err := s.Auth.Customer(context.Background(), strings.TrimSpace(token))
+	if err != nil {
+		return "", classify(err)
+	}
+	return cust, nil
+}
+
+func (s *Server) natsCompletion(r micro.Request) {
+	cust, e := s.natsCustomer(r)
+	if e != nil {
+		natsError(r, e)
+		return
+	}
+	var body wire.CompletionRequest
+	if err := json.Unmarshal(r.Data(), &body); err != nil {
+		natsError(r, badRequest("malformed JSON body: %v", err))
+		return
+	}
+	req, e := s.toRequest(body.Model, body.Prompt, body.MaxTokens, body.Temperature, body.TopP, body.Seed, body.N, body.Stop)
+	if e != nil {
+		natsError(r, e)
+		return
+	}
+	req.Customer = cust
+	s.natsServe(r, req, body.Stream, completionShape{})
+}
+
+func (s *Server) natsChat(r micro.Request) {
+	cust, e := s.natsCustomer(r)
+	if e != nil {
+		natsError(r, e)
+		return
+	}
+	var body wire.ChatCompletionRequest
+	if err := json.Unmarshal(r.Data(), &body); err != nil {
+		natsError(r, badRequest("malformed JSON body: %v", err))
+		return
+	}
+	prompt, e := ChatPrompt(body.Messages)
+	if e != nil {
+		natsError(r, e)
+		return
+	}
+	req, e := s.toRequest(body.Model, prompt, body.MaxTokens, body.Temperature, body.TopP, body.Seed, body.N, body.Stop)
+	if e != nil {
+		natsError(r, e)
+		return
+	}
+	req.Customer = cust
+	s.natsServe(r, req, body.Stream, chatShape{})
+}
+
+// natsServe generates req; with stream set, chunks go to the subject named
+// in the Tessera-Stream-Inbox header.
+func (s *Server) natsServe(r micro.Request, req generate.Request, stream bool, shape responseShape) {
+	ctx := context.Background()
+	if s.RequestTimeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, s.RequestTimeout)
+		defer cancel()
+	}
+	created := time.Now().Unix()
+	var emit func(string, int)
+	if stream {
+		inbox := r.Headers().Get(HdrStreamInbox)
+		if inbox == "" {
+			natsError(r, badRequest("stream is true but the %s header names no subject", HdrStreamInbox))
+			return
+		}
+		nc := s.Engine.Conn()
+		emit = func(text string, _ int) {
+			b, _ := json.Marshal(shape.chunk(req, text, created))
+			_ = nc.Publish(inbox, b)
+		}
+	}
+	res, err := s.Engine.Generate(ctx, req, emit)
+	if err != nil {
+		natsError(r, classify(err))
+		return
+	}
+	_ = r.RespondJSON(shape.full(req, res, created))
+}

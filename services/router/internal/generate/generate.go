@@ -1,0 +1,524 @@
+// Package generate drives one completion through the grid: it picks a route
+// through the plan's live replicas, sends the prompt and then each new token
+// through the stages, samples from the returned logits, and recovers when a
+// node fails by re-routing and re-running the token prefix.
+package generate
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+	"unicode/utf8"
+
+	"github.com/nats-io/nats.go"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/tessera-grid/tessera/pkg/bus"
+	"github.com/tessera-grid/tessera/pkg/compute"
+	"github.com/tessera-grid/tessera/pkg/model"
+	"github.com/tessera-grid/tessera/pkg/subjects"
+	"github.com/tessera-grid/tessera/pkg/telemetry"
+	"github.com/tessera-grid/tessera/pkg/wire"
+	"github.com/tessera-grid/tessera/services/router/internal/grid"
+)
+
+// Errors a request can end with; the API maps them to status codes.
+var (
+	// ErrBadRequest wraps every problem with the request itself.
+	ErrBadRequest = errors.New("invalid request")
+	// ErrUnavailable means no live route could serve the request.
+	ErrUnavailable = errors.New("no capacity")
+)
+
+// Request is one completion to generate.
+type Request struct {
+	ID          string
+	Customer    string
+	Model       string
+	Prompt      string
+	MaxTokens   int
+	Temperature float32
+	TopP        float32
+	Seed        uint64
+	Stop        []string
+}
+
+// Result is a finished completion.
+type Result struct {
+	Text         string
+	Tokens       []int
+	PromptTokens int
+	FinishReason string
+	// Recomputed counts token positions re-run after failures.
+	Recomputed int
+	Failovers  int
+}
+
+// Engine generates completions.
+type Engine struct {
+	bus          *bus.Conn
+	view         *grid.View
+	log          *slog.Logger
+	stageTimeout time.Duration
+	health       *health
+}
+
+// New returns an engine over the grid view.
+func New(b *bus.Conn, view *grid.View, log *slog.Logger, stageTimeout time.Duration) *Engine {
+	if stageTimeout <= 0 {
+		stageTimeout = 10 * time.Second
+	}
+	return &Engine{bus: b, view: view, log: log, stageTimeout: stageTimeout, health: newHealth()}
+}
+
+// NewID returns a random request id.
+func NewID(prefix string) string {
+	var b [12]byte
+	_, _ = rand.Read(b[:])
+	return prefix + strings.ToLower(strconv.FormatUint(binary.LittleEndian.Uint64(b[:8]), 36)+strconv.FormatUint(uint64(binary.LittleEndian.Uint32(b[8:])), 36))
+}
+
+// Validate checks req against the model and returns its prompt tokens.
+func (e *Engine) Validate(req *Request) (*grid.Model, []int, error) {
+	m, err := e.view.Model(req.Model)
+	if err != nil {
+		return nil, nil, err
+	}
+	if req.Prompt == "" {
+		return nil, nil, fmt.Errorf("%w: prompt is empty", ErrBadRequest)
+	}
+	if req.MaxTokens < 1 {
+		return nil, nil, fmt.Errorf("%w: max_tokens must be at least 1, got %d", ErrBadRequest, req.MaxTokens)
+	}
+	if req.Temperature < 0 || req.Temperature > 2 {
+		return nil, nil, fmt.Errorf("%w: temperature must be between 0 and 2, got %g", ErrBadRequest, req.Temperature)
+	}
+	if req.TopP < 0 || req.TopP > 1 {
+		return nil, nil, fmt.Errorf("%w: top_p must be between 0 and 1, got %g", ErrBadRequest, req.TopP)
+	}
+	if len(req.Stop) > 4 {
+		return nil, nil, fmt.Errorf("%w: at most 4 stop sequences, got %d", ErrBadRequest, len(req.Stop))
+	}
+	ids := m.Tokenizer.Encode(req.Prompt, true, false)
+	ctxLen := m.Manifest.Config.SeqLen
+	if len(ids)+req.MaxTokens > ctxLen {
+		return nil, nil, fmt.Errorf("%w: prompt (%d tokens) plus max_tokens (%d) exceeds the model's context of %d tokens", ErrBadRequest, len(ids), req.MaxTokens, ctxLen)
+	}
+	return m, ids, nil
+}
+
+// Generate runs req, calling emit with each new piece of text (whole UTF-8
+// characters only) as it is produced; emit may be nil.
+func (e *Engine) Generate(ctx context.Context, req Request, emit func(text string, token int)) (*Result, error) {
+	m, prompt, err := e.Validate(&req)
+	if err != nil {
+		return nil, err
+	}
+	if req.ID == "" {
+		req.ID = NewID("req-")
+	}
+	ctx, span := otel.Tracer("tessera/router").Start(ctx, "router.generate",
+		trace.WithAttributes(attribute.String("request", req.ID), attribute.String("model", req.Model), attribute.String("customer", req.Customer)))
+	defer span.End()
+	s := &session{e: e, req: req, model: m, seq: append([]int(nil), prompt...)}
+	defer s.release()
+	res := &Result{PromptTokens: len(prompt)}
+	sampler := compute.NewSampler(req.Temperature, req.TopP, req.Seed)
+	var text strings.Builder
+	var pending []byte // bytes of an incomplete UTF-8 character
+	emitted := 0
+	prev := prompt[len(prompt)-1]
+	for len(res.Tokens) < req.MaxTokens {
+		logits, err := s.step(ctx)
+		if err != nil {
+			span.RecordError(err)
+			return nil, err
+		}
+		next := sampler.Sample(logits)
+		if next == model.TokenBOS || next == model.TokenEOS {
+			res.FinishReason = "stop"
+			break
+		}
+		res.Tokens = append(res.Tokens, next)
+		s.seq = append(s.seq, next)
+		pending = append(pending, m.Tokenizer.Decode(prev, next)...)
+		prev = next
+		// Hand out only complete characters.
+		cut := completeUTF8(pending)
+		text.Write(pending[:cut])
+		pending = pending[cut:]
+		if stop, at := findStop(text.String(), req.Stop, emitted); stop {
+			full := text.String()[:at]
+			if emit != nil && at > emitted {
+				emit(full[emitted:], next)
+			}
+			text.Reset()
+			text.WriteString(full)
+			res.FinishReason = "stop"
+			break
+		}
+		// Hold back text that could be the start of a stop sequence.
+		safe := text.Len() - holdBack(text.String(), req.Stop)
+		if emit != nil && safe > emitted {
+			emit(text.String()[emitted:safe], next)
+			emitted = safe
+		}
+	}
+	if res.FinishReason == "" {
+		res.FinishReason = "length"
+		text.Write(pending)
+		if emit != nil && text.Len() > emitted {
+			emit(text.String()[emitted:], prev)
+		}
+	}
+	res.Text = text.String()
+	res.Recomputed, res.Failovers = s.recomputed, s.failovers
+	span.SetAttributes(attribute.Int("completion_tokens", len(res.Tokens)), attribute.Int("failovers", s.failovers))
+	return res, nil
+}
+
+// completeUTF8 returns the length of the longest prefix of b that does not
+// end inside a UTF-8 character.
+func completeUTF8(b []byte) int {
+	for back := 1; back <= 3 && back <= len(b); back++ {
+		c := b[len(b)-back]
+		if c < 0x80 {
+			return len(b)
+		}
+		if c >= 0xC0 { // a lead byte: is its sequence complete?
+			need := 2
+			if c >= 0xE0 {
+				need = 3
+			}
+			if c >= 0xF0 {
+				need = 4
+			}
+			if back < need {
+				return len(b) - back
+			}
+			return len(b)
+		}
+	}
+	if !utf8.Valid(b) {
+		return len(b)
+	}
+	return len(b)
+}
+
+// findStop reports whether text contains a stop sequence starting at or
+// after from-maxlen, and where the first one starts.
+func findStop(text string, stops []string, from int) (bool, int) {
+	best := -1
+	for _, s := range stops {
+		if s == "" {
+			continue
+		}
+		start := max(0, from-len(s))
+		if i := strings.Index(text[start:], s); i >= 0 && (best < 0 || start+i < best) {
+			best = start + i
+		}
+	}
+	return best >= 0, best
+}
+
+// holdBack is how many trailing bytes of text might begin a stop sequence.
+func holdBack(text string, stops []string) int {
+	hold := 0
+	for _, s := range stops {
+		for k := min(len(s)-1, len(text)); k > hold; k-- {
+			if strings.HasSuffix(text, s[:k]) {
+				hold = k
+				break
+			}
+		}
+	}
+	return hold
+}
+
+// hop is one stage of a route: a node and the layers it runs.
+type hop struct {
+	node       string
+	first, end int
+}
+
+// session is one request's progress through the grid.
+type session struct {
+	e          *Engine
+	req        Request
+	model      *grid.Model
+	plan       *wire.Plan
+	route      []hop
+	seq        []int // every token so far (prompt and generated)
+	done       int   // tokens the route's caches hold
+	recomputed int
+	failovers  int
+}
+
+// step sends the tokens the route has not seen and returns the logits of
+// the last one, re-routing (and re-running the prefix) on failure.
+func (s *session) step(ctx context.Context) ([]float32, error) {
+	const maxAttempts = 6
+	var lastErr error
+	for attempt := 0; attempt < maxAttempts; attempt++ {
+		if s.route == nil {
+			if err := s.pickRoute(); err != nil {
+				if lastErr != nil {
+					return nil, fmt.Errorf("%w (after: %v)", err, lastErr)
+				}
+				return nil, err
+			}
+		}
+		logits, failed, err := s.send(ctx)
+		if err == nil {
+			return logits, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		lastErr = err
+		s.e.log.Warn("stage failed; re-routing", "request", s.req.ID, "node", failed, "err", err)
+		if failed != "" {
+			s.e.health.fail(failed)
+		}
+		if s.done > 0 {
+			s.recomputed += s.done
+		}
+		s.failovers++
+		for _, hp := range s.route {
+			s.e.health.releaseNode(hp.node)
+		}
+		s.route, s.done = nil, 0
+	}
+	return nil, fmt.Errorf("%w: %v", ErrUnavailable, lastErr)
+}
+
+// send runs the tokens seq[done:] through the route.
+func (s *session) send(ctx context.Context) ([]float32, string, error) {
+	toks := s.seq[s.done:]
+	in := make([]int32, len(toks))
+	for i, t := range toks {
+		in[i] = int32(t)
+	}
+	first := s.route[0]
+	msg := nats.NewMsg(subjects.Stage(first.node))
+	h := msg.Header
+	h.Set(wire.HdrRequest, s.req.ID)
+	h.Set(wire.HdrModel, s.req.Model)
+	h.Set(wire.HdrPlan, strconv.FormatUint(s.plan.Version, 10))
+	h.Set(wire.HdrCustomer, s.req.Customer)
+	h.Set(wire.HdrPos, strconv.Itoa(s.done))
+	h.Set(wire.HdrRange, fmt.Sprintf("%d:%d", first.first, first.end))
+	phase := "decode"
+	if s.done < len(s.seq)-1 || s.done == 0 {
+		phase = "prefill"
+	}
+	h.Set(wire.HdrPhase, phase)
+	if len(s.route) > 1 {
+		var rest []string
+		for _, hp := range s.route[1:] {
+			rest = append(rest, fmt.Sprintf("%s:%d:%d", hp.node, hp.first, hp.end))
+		}
+		h.Set(wire.HdrRoute, strings.Join(rest, ","))
+	}
+	msg.Data = wire.AppendI32(nil, in)
+	telemetry.Inject(ctx, msg)
+	timeout := s.e.stageTimeout + time.Duration(len(in))*10*time.Millisecond
+	rctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	reply, err := s.e.bus.NC.RequestMsgWithContext(rctx, msg)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, "", ctx.Err()
+		}
+		// Which hop failed is unknown: find the dead one by asking the registry's view.
+		return nil, s.suspect(), fmt.Errorf("route %v: %w", s.route, err)
+	}
+	if e := reply.Header.Get(wire.HdrError); e != "" {
+		node := reply.Header.Get(wire.HdrNode)
+		if strings.HasPrefix(e, wire.ErrCodeKVMiss) {
+			// A replica without our cache: re-run the prefix (not a node fault).
+			node = ""
+		}
+		if strings.HasPrefix(e, wire.ErrCodeBadRequest) {
+			return nil, "", fmt.Errorf("%w: %s", ErrBadRequest, e)
+		}
+		return nil, node, fmt.Errorf("node %s: %s", node, e)
+	}
+	f, err := wire.DecodeFrame(reply.Data)
+	if err != nil {
+		return nil, reply.Header.Get(wire.HdrNode), err
+	}
+	logits, err := f.F32(nil)
+	if err != nil || f.Cols != s.model.Manifest.Config.Vocab {
+		return nil, reply.Header.Get(wire.HdrNode), fmt.Errorf("bad logits frame %d×%d: %v", f.Rows, f.Cols, err)
+	}
+	s.done = len(s.seq)
+	return logits[len(logits)-f.Cols:], "", nil
+}
+
+// suspect returns the first node of the route the grid no longer lists as
+// live, or the first hop when all look alive.
+func (s *session) suspect() string {
+	for _, hp := range s.route {
+		if r, ok := s.e.view.Node(hp.node); !ok || r.State != wire.NodeReady {
+			return hp.node
+		}
+	}
+	// All listed: probe each with a no-op control request.
+	for _, hp := range s.route {
+		m := nats.NewMsg(subjects.Control(hp.node))
+		m.Data = []byte(`{"op":"release","request":"probe"}`)
+		if _, err := s.e.bus.NC.RequestMsg(m, 500*time.Millisecond); err != nil {
+			return hp.node
+		}
+	}
+	return ""
+}
+
+// pickRoute chooses, for each stage of the current plan, the healthiest
+// least-loaded replica that holds the stage's fragments.
+func (s *session) pickRoute() error {
+	m, err := s.e.view.Model(s.req.Model)
+	if err != nil {
+		return err
+	}
+	if m.Plan == nil || len(m.Plan.Stages) == 0 {
+		return fmt.Errorf("%w: model %s has no plan yet", ErrUnavailable, s.req.Model)
+	}
+	// A request keeps the plan it started with unless its route breaks.
+	if s.plan == nil || s.route == nil {
+		s.plan = m.Plan
+	}
+	var route []hop
+	for _, st := range s.plan.Stages {
+		best, bestScore := "", 0.0
+		for _, id := range st.Replicas {
+			r, ok := s.e.view.Node(id)
+			if !ok || r.State != wire.NodeReady || !holds(r, s.req.Model, st.First, st.End, s.plan.Layers) {
+				continue
+			}
+			score := s.e.health.penalty(id) + float64(r.Heartbeat.QueueDepth) + float64(s.e.health.inflight(id))
+			if best == "" || score < bestScore {
+				best, bestScore = id, score
+			}
+		}
+		if best == "" {
+			return fmt.Errorf("%w: no live replica holds layers [%d,%d) of %s", ErrUnavailable, st.First, st.End, s.req.Model)
+		}
+		if n := len(route); n > 0 && route[n-1].node == best && route[n-1].end == st.First {
+			route[n-1].end = st.End
+		} else {
+			route = append(route, hop{node: best, first: st.First, end: st.End})
+		}
+	}
+	for _, hp := range s.route {
+		s.e.health.releaseNode(hp.node)
+	}
+	for _, hp := range route {
+		s.e.health.acquire(hp.node)
+	}
+	s.route = route
+	return nil
+}
+
+func holds(r wire.NodeRecord, model string, first, end, layers int) bool {
+	have := map[string]bool{}
+	for _, f := range r.Heartbeat.Fragments {
+		have[f] = true
+	}
+	if first == 0 && !have[model+"/embed"] {
+		return false
+	}
+	if end == layers && !have[model+"/head"] {
+		return false
+	}
+	for l := first; l < end; l++ {
+		if !have[model+"/layer."+strconv.Itoa(l)] {
+			return false
+		}
+	}
+	return true
+}
+
+// release tells every executor the request is over (caches freed, usage
+// published).
+func (s *session) release() {
+	for _, hp := range s.route {
+		s.e.health.releaseNode(hp.node)
+	}
+	b := []byte(`{"op":"release","request":"` + s.req.ID + `"}`)
+	if err := s.e.bus.NC.Publish(subjects.SessionRelease, b); err != nil {
+		s.e.log.Warn("release not sent", "request", s.req.ID, "err", err)
+	}
+}
+
+// health tracks per-node failures (with growing back-off) and in-flight
+// requests for route choice.
+type health struct {
+	mu    sync.Mutex
+	fails map[string]*failure
+	busy  map[string]int
+}
+
+type failure struct {
+	count int
+	until time.Time
+}
+
+func newHealth() *health {
+	return &health{fails: map[string]*failure{}, busy: map[string]int{}}
+}
+
+func (h *health) fail(node string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	f := h.fails[node]
+	if f == nil {
+		f = &failure{}
+		h.fails[node] = f
+	}
+	f.count++
+	f.until = time.Now().Add(time.Duration(1<<min(f.count, 8)) * 500 * time.Millisecond)
+}
+
+// penalty is large while a node is backed off.
+func (h *health) penalty(node string) float64 {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if f := h.fails[node]; f != nil && time.Now().Before(f.until) {
+		return 1e6
+	}
+	return 0
+}
+
+func (h *health) acquire(node string) {
+	h.mu.Lock()
+	h.busy[node]++
+	h.mu.Unlock()
+}
+
+func (h *health) releaseNode(node string) {
+	h.mu.Lock()
+	if h.busy[node] > 0 {
+		h.busy[node]--
+	}
+	h.mu.Unlock()
+}
+
+func (h *health) inflight(node string) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.busy[node]
+}
+
+// Conn is the engine's NATS connection.
+func (e *Engine) Conn() *nats.Conn { return e.bus.NC }

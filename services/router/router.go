@@ -1,0 +1,116 @@
+// Package router is the grid's front door: an OpenAI-compatible HTTP API and
+// the same operations over NATS. It tokenizes, picks a route through live
+// replicas of the model's plan, drives every token through the stages,
+// samples, and recovers from failed nodes mid-generation.
+package router
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/tessera-grid/tessera/pkg/bus"
+	"github.com/tessera-grid/tessera/services/router/internal/api"
+	"github.com/tessera-grid/tessera/services/router/internal/auth"
+	"github.com/tessera-grid/tessera/services/router/internal/generate"
+	"github.com/tessera-grid/tessera/services/router/internal/grid"
+)
+
+// EnvPrefix is the prefix of the router's environment variables.
+const EnvPrefix = "TESSERA_ROUTER_"
+
+// Version is reported by the router's micro service.
+const Version = "0.1.0"
+
+// Config is the router's configuration, read from TESSERA_ROUTER_*.
+type Config struct {
+	// HTTPAddr is where the OpenAI-compatible API listens (empty: no HTTP).
+	HTTPAddr string `env:"HTTP_ADDR, default=127.0.0.1:8080"`
+	// AnonymousCustomer, when set, serves requests without an API key as
+	// this customer (development grids); otherwise a key is required.
+	AnonymousCustomer string `env:"ANONYMOUS_CUSTOMER"`
+	// StageTimeout bounds one pass through the route before failover.
+	StageTimeout time.Duration `env:"STAGE_TIMEOUT, default=10s"`
+	// RequestTimeout bounds a whole request.
+	RequestTimeout time.Duration `env:"REQUEST_TIMEOUT, default=5m"`
+	// DefaultMaxTokens applies when a request gives none.
+	DefaultMaxTokens int `env:"DEFAULT_MAX_TOKENS, default=16"`
+	// MaxBody caps HTTP request bodies, in bytes.
+	MaxBody int64 `env:"MAX_BODY, default=1048576"`
+}
+
+// Deps are what Run needs from its host process.
+type Deps struct {
+	Bus *bus.Conn
+	Log *slog.Logger
+	// Listening, if set, receives the HTTP address once it accepts requests.
+	Listening func(addr string)
+}
+
+// Run serves until ctx ends.
+func Run(ctx context.Context, cfg Config, deps Deps) error {
+	log := deps.Log
+	if log == nil {
+		log = slog.Default()
+	}
+	view := grid.New(deps.Bus, log)
+	viewDone := make(chan error, 1)
+	vctx, stopView := context.WithCancel(ctx)
+	defer stopView()
+	go func() { viewDone <- view.Run(vctx) }()
+	keys, err := auth.Open(ctx, deps.Bus.JS, cfg.AnonymousCustomer)
+	if err != nil {
+		return err
+	}
+	srv := &api.Server{
+		Engine: generate.New(deps.Bus, view, log, cfg.StageTimeout), View: view, Auth: keys, Log: log,
+		MaxBody: cfg.MaxBody, DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout,
+	}
+	ms, err := srv.AddNATS(deps.Bus.NC, Version)
+	if err != nil {
+		return fmt.Errorf("micro service: %w", err)
+	}
+	defer ms.Stop()
+	if cfg.HTTPAddr == "" {
+		<-ctx.Done()
+		return nil
+	}
+	ln, err := net.Listen("tcp", cfg.HTTPAddr)
+	if err != nil {
+		return fmt.Errorf("%sHTTP_ADDR=%s: %w", EnvPrefix, cfg.HTTPAddr, err)
+	}
+	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- hs.Serve(ln) }()
+	log.Info("router listening", "http", ln.Addr().String())
+	if deps.Listening != nil {
+		deps.Listening(ln.Addr().String())
+	}
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		return err
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := hs.Shutdown(sctx); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// AddKey stores an API key for customer in the grid js connects to.
+func AddKey(ctx context.Context, b *bus.Conn, key, customer, label string) error {
+	s, err := auth.Open(ctx, b.JS, "")
+	if err != nil {
+		return err
+	}
+	return s.Add(ctx, key, customer, label)
+}
+
+// NewKey returns a fresh random API key.
+func NewKey() string { return auth.NewKey() }
