@@ -3,6 +3,7 @@ module github.com/tessera-grid/tessera/services/executor
 go 1.26.8
 
 require (
+	github.com/NVIDIA/go-nvml v0.13.0-1
 	github.com/nats-io/nats.go v1.55.0
 	github.com/nats-io/nkeys v0.4.17
 	github.com/tessera-grid/tessera/pkg v0.0.0

@@ -1,0 +1,19 @@
+package identity
+
+import "errors"
+
+// Sentinel errors of node identities.
+var (
+	// ErrBadSeed means a seed file holds no usable user nkey seed.
+	ErrBadSeed = errors.New("not a user nkey seed")
+	// ErrBadPublicKey means a public key is not a user nkey ("U...").
+	ErrBadPublicKey = errors.New("not a user nkey public key")
+	// ErrBadSignature means a signature does not verify against the data
+	// and public key, or is not valid base64.
+	ErrBadSignature = errors.New("signature does not verify")
+	// ErrUnsigned means a message carries no signature.
+	ErrUnsigned = errors.New("message is not signed")
+	// ErrKeyMismatch means a message names a public key other than the
+	// identity asked to sign it.
+	ErrKeyMismatch = errors.New("message names another public key")
+)
