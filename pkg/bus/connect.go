@@ -49,6 +49,13 @@ func Connect(ctx context.Context, cfg config.NATS, embedded *server.Server, name
 				slog.Warn("nats disconnected", "client", name, "err", err)
 			}
 		}),
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			subject := ""
+			if sub != nil {
+				subject = sub.Subject
+			}
+			slog.Debug("nats async error", "client", name, "subject", subject, "err", err)
+		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
 			slog.Info("nats reconnected", "client", name, "url", nc.ConnectedUrlRedacted())
 		}),

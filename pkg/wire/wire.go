@@ -106,7 +106,7 @@ type Heartbeat struct {
 	QueueDepth   int           `json:"queue_depth"`
 	Speed        []SpeedSample `json:"speed,omitempty"`
 	// Signature is the base64 ed25519 signature over the heartbeat encoded
-	// with Signature empty (see Canonical).
+	// with Signature empty (see the executor's identity package).
 	Signature string `json:"signature,omitempty"`
 }
 

@@ -8,17 +8,17 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
-	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
-	"github.com/nats-io/nkeys"
-
 	"github.com/tessera-grid/tessera/pkg/bus"
 	"github.com/tessera-grid/tessera/pkg/subjects"
 	"github.com/tessera-grid/tessera/pkg/wire"
+	"github.com/tessera-grid/tessera/services/executor/internal/device"
+	"github.com/tessera-grid/tessera/services/executor/internal/identity"
 	"github.com/tessera-grid/tessera/services/executor/internal/node"
 )
 
@@ -36,6 +36,9 @@ type Config struct {
 	Region string `env:"REGION, default=local"`
 	// StateDir keeps the node's identity seed.
 	StateDir string `env:"STATE_DIR, default=var/executor"`
+	// IdentitySeed is the path of the node's nkey seed (or a .creds file);
+	// created on first start. Default: STATE_DIR/node.seed.
+	IdentitySeed string `env:"IDENTITY_SEED"`
 	// HeartbeatInterval is how often the node reports itself.
 	HeartbeatInterval time.Duration `env:"HEARTBEAT_INTERVAL, default=2s"`
 	// MemoryBudget caps weights and caches, e.g. "8GiB" (empty: device memory).
@@ -64,14 +67,15 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if log == nil {
 		log = slog.Default()
 	}
-	key, err := loadIdentity(cfg.StateDir)
+	seed := cfg.IdentitySeed
+	if seed == "" {
+		seed = filepath.Join(cfg.StateDir, "node.seed")
+	}
+	id, err := identity.LoadOrCreate(seed)
 	if err != nil {
 		return err
 	}
-	pub, err := key.PublicKey()
-	if err != nil {
-		return err
-	}
+	pub := id.PublicKey()
 	if cfg.NodeID == "" {
 		cfg.NodeID = "node-" + strings.ToLower(pub[1:9])
 	}
@@ -79,20 +83,28 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return fmt.Errorf("%sMEMORY_BUDGET: %w", EnvPrefix, err)
 	}
-	devices := cpuDevices(cfg.NodeID, max(cfg.CPUDevices, 1), budget)
+	backend, err := device.Discover(ctx, device.Options{
+		Node: cfg.NodeID, GPUs: splitList(cfg.GPUs), MemoryBudget: budget, CPUDevices: cfg.CPUDevices, Logger: log,
+	})
+	if err != nil {
+		return err
+	}
+	defer backend.Close()
+	devices, err := backend.Devices(ctx)
+	if err != nil {
+		return err
+	}
 	if budget == 0 {
-		for _, d := range devices {
-			budget += d.MemoryTotal
-		}
+		budget, _ = device.OfferedMemory(devices)
 	}
 	n, err := node.New(node.Options{
-		ID: cfg.NodeID, Supplier: cfg.Supplier, Region: cfg.Region, DeviceType: devices[0].Kind,
+		ID: cfg.NodeID, Supplier: cfg.Supplier, Region: cfg.Region, DeviceType: deviceType(devices),
 		Threads: cfg.Threads, MaxBatch: cfg.MaxBatch, SessionIdle: cfg.SessionIdle, MemoryBudget: budget,
 	}, deps.Bus, log)
 	if err != nil {
 		return err
 	}
-	hb := &heartbeater{cfg: cfg, bus: deps.Bus, node: n, pub: pub, devices: devices, budget: budget, log: log}
+	hb := &heartbeater{cfg: cfg, bus: deps.Bus, node: n, id: id, backend: backend, budget: budget, log: log}
 	var wg sync.WaitGroup
 	wg.Add(1)
 	hbCtx, stopHB := context.WithCancel(context.Background())
@@ -111,8 +123,8 @@ type heartbeater struct {
 	cfg     Config
 	bus     *bus.Conn
 	node    *node.Node
-	pub     string
-	devices []wire.Device
+	id      *identity.Identity
+	backend device.Backend
 	budget  uint64
 	log     *slog.Logger
 	seq     uint64
@@ -145,12 +157,20 @@ func (h *heartbeater) send(state string) {
 	if used := st.WeightBytes + st.CacheBytes; used < h.budget {
 		free = h.budget - used
 	}
+	devices, err := h.backend.Devices(context.Background())
+	if err != nil {
+		h.log.Warn("device snapshot failed", "err", err)
+	}
 	hb := wire.Heartbeat{
-		Node: h.cfg.NodeID, Supplier: h.cfg.Supplier, Region: h.cfg.Region, PublicKey: h.pub,
+		Node: h.cfg.NodeID, Supplier: h.cfg.Supplier, Region: h.cfg.Region,
 		Seq: h.seq, Time: time.Now().UTC(), IntervalMS: h.cfg.HeartbeatInterval.Milliseconds(),
-		State: state, Devices: h.devices, MemoryBudget: h.budget, MemoryFree: free,
+		State: state, Devices: devices, MemoryBudget: h.budget, MemoryFree: free,
 		Models: st.Models, Fragments: st.Fragments, Fetch: st.Fetch,
 		KVTokensFree: st.KVTokensFree, QueueDepth: st.QueueDepth,
+	}
+	if err := h.id.SignHeartbeat(&hb); err != nil {
+		h.log.Error("heartbeat not signed", "err", err)
+		return
 	}
 	b, err := json.Marshal(hb)
 	if err != nil {
@@ -162,55 +182,26 @@ func (h *heartbeater) send(state string) {
 	}
 }
 
-// loadIdentity loads the node's nkey seed from dir, creating it on first start.
-func loadIdentity(dir string) (nkeys.KeyPair, error) {
-	path := dir + "/node.nk"
-	if b, err := os.ReadFile(path); err == nil {
-		return nkeys.FromSeed([]byte(strings.TrimSpace(string(b))))
-	}
-	kp, err := nkeys.CreateUser()
-	if err != nil {
-		return nil, err
-	}
-	seed, err := kp.Seed()
-	if err != nil {
-		return nil, err
-	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("state dir: %w", err)
-	}
-	if err := os.WriteFile(path, seed, 0o600); err != nil {
-		return nil, fmt.Errorf("identity: %w", err)
-	}
-	return kp, nil
-}
-
-// cpuDevices describes n CPU devices sharing the machine's memory.
-func cpuDevices(nodeID string, n int, budget uint64) []wire.Device {
-	total := memTotal()
-	per := total / uint64(n)
-	if budget > 0 && budget/uint64(n) < per {
-		per = budget / uint64(n)
-	}
-	out := make([]wire.Device, n)
-	for i := range out {
-		out[i] = wire.Device{Index: i, Kind: "cpu", Name: "cpu", UUID: fmt.Sprintf("cpu-%s-%d", nodeID, i), MemoryTotal: per, MemoryFree: per}
+// splitList splits a comma-separated list, dropping empty items.
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
 	}
 	return out
 }
 
-func memTotal() uint64 {
-	b, err := os.ReadFile("/proc/meminfo")
-	if err != nil {
-		return 8 << 30
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		var kb uint64
-		if _, err := fmt.Sscanf(line, "MemTotal: %d kB", &kb); err == nil {
-			return kb << 10
+// deviceType names the device class that computes, for usage and pricing:
+// the first working GPU's product name, or "cpu".
+func deviceType(devs []wire.Device) string {
+	for _, d := range devs {
+		if d.Kind == device.KindGPU && d.Error == "" {
+			return d.Name
 		}
 	}
-	return 8 << 30
+	return "cpu"
 }
 
 // ParseBytes parses sizes like "512MiB", "8GiB", "1.5GB" or a plain number

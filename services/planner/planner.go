@@ -136,8 +136,13 @@ func (p *Planner) run(ctx context.Context) error {
 				continue
 			}
 			dirty = false
+			live := usable(nodes)
+			if len(live) == 0 {
+				p.log.Info("no usable nodes; keeping the current plans")
+				continue
+			}
 			for _, m := range models {
-				if err := p.replan(ctx, m, usable(nodes)); err != nil {
+				if err := p.replan(ctx, m, live); err != nil {
 					p.log.Error("plan not published", "model", m.ID, "err", err)
 				}
 			}
