@@ -67,6 +67,14 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if log == nil {
 		log = slog.Default()
 	}
+	for name, v := range map[string]string{"SUPPLIER": cfg.Supplier, "REGION": cfg.Region} {
+		if err := subjects.Token(v); err != nil {
+			return fmt.Errorf("%s%s: %w", EnvPrefix, name, err)
+		}
+	}
+	if cfg.HeartbeatInterval <= 0 {
+		return fmt.Errorf("%sHEARTBEAT_INTERVAL must be positive, got %v", EnvPrefix, cfg.HeartbeatInterval)
+	}
 	seed := cfg.IdentitySeed
 	if seed == "" {
 		seed = filepath.Join(cfg.StateDir, "node.seed")

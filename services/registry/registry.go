@@ -163,9 +163,10 @@ func (r *Registry) put(ctx context.Context, rec wire.NodeRecord, interval time.D
 	if err != nil {
 		return err
 	}
-	ttl := time.Duration(r.cfg.MissedBeats) * interval
+	// JetStream takes per-message TTLs in whole seconds, at least one.
+	ttl := max((time.Duration(r.cfg.MissedBeats)*interval+time.Second-1)/time.Second, 1)
 	msg := nats.NewMsg("$KV." + subjects.BucketNodes + "." + rec.Heartbeat.Node)
-	msg.Header.Set(jetstream.MsgTTLHeader, ttl.String())
+	msg.Header.Set(jetstream.MsgTTLHeader, fmt.Sprintf("%ds", ttl))
 	msg.Data = b
 	_, err = r.bus.JS.PublishMsg(ctx, msg)
 	return err
