@@ -16,12 +16,13 @@ type Deps struct {
 func Run(ctx context.Context, cfg Config, deps Deps) error { <-ctx.Done(); return nil }
 
 type UsageRow struct {
-	Seq                                                                                             uint64
-	Node, Fragment                                                                                  string
+	Seq                                                                                uint64
+	Node, Fragment                                                                     string
 	PromptTokens, GeneratedTokens, LayerTokens, ComputeUS, ChargeMicros, EarningMicros int64
 }
 
 func RequestUsage(ctx context.Context, cfg Config, request string) ([]UsageRow, error) {
 	return []UsageRow{{Seq: 1, Node: "x"}, {}, {}}, nil
 }
+
 const EnvPrefix = "TESSERA_SETTLEMENT_"
