@@ -30,8 +30,16 @@ func testOptions(t *testing.T) local.Options {
 		t.Fatal(err)
 	}
 	o.DataDir, o.NATSPort, o.NoSettlement = t.TempDir(), -1, true
-	o.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	o.Log = testLog()
 	return o
+}
+
+// testLog discards service logs unless TESSERA_TEST_LOG is set.
+func testLog() *slog.Logger {
+	if os.Getenv("TESSERA_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
 }
 
 // startGrid runs a local grid of n executors without settlement, imports

@@ -35,6 +35,9 @@ type Config struct {
 	AnonymousCustomer string `env:"ANONYMOUS_CUSTOMER"`
 	// StageTimeout bounds one pass through the route before failover.
 	StageTimeout time.Duration `env:"STAGE_TIMEOUT, default=10s"`
+	// FailoverWait is how long a request whose route broke waits for a new
+	// route (a replica, or the re-plan after a node left).
+	FailoverWait time.Duration `env:"FAILOVER_WAIT, default=30s"`
 	// RequestTimeout bounds a whole request.
 	RequestTimeout time.Duration `env:"REQUEST_TIMEOUT, default=5m"`
 	// DefaultMaxTokens applies when a request gives none.
@@ -67,7 +70,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		return err
 	}
 	srv := &api.Server{
-		Engine: generate.New(deps.Bus, view, log, cfg.StageTimeout), View: view, Auth: keys, Log: log,
+		Engine: generate.New(deps.Bus, view, log, cfg.StageTimeout, cfg.FailoverWait), View: view, Auth: keys, Log: log,
 		MaxBody: cfg.MaxBody, DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout,
 	}
 	ms, err := srv.AddNATS(deps.Bus.NC, Version)

@@ -69,15 +69,21 @@ type Engine struct {
 	view         *grid.View
 	log          *slog.Logger
 	stageTimeout time.Duration
+	failoverWait time.Duration
 	health       *health
 }
 
-// New returns an engine over the grid view.
-func New(b *bus.Conn, view *grid.View, log *slog.Logger, stageTimeout time.Duration) *Engine {
+// New returns an engine over the grid view. stageTimeout bounds one pass
+// through a route; failoverWait is how long a request whose route broke
+// waits for a new one.
+func New(b *bus.Conn, view *grid.View, log *slog.Logger, stageTimeout, failoverWait time.Duration) *Engine {
 	if stageTimeout <= 0 {
 		stageTimeout = 10 * time.Second
 	}
-	return &Engine{bus: b, view: view, log: log, stageTimeout: stageTimeout, health: newHealth()}
+	if failoverWait <= 0 {
+		failoverWait = 30 * time.Second
+	}
+	return &Engine{bus: b, view: view, log: log, stageTimeout: stageTimeout, failoverWait: failoverWait, health: newHealth()}
 }
 
 // NewID returns a random request id.
@@ -266,17 +272,29 @@ type session struct {
 // step sends the tokens the route has not seen and returns the logits of
 // the last one, re-routing (and re-running the prefix) on failure.
 func (s *session) step(ctx context.Context) ([]float32, error) {
-	const maxAttempts = 6
+	const maxAttempts = 8
 	var lastErr error
-	for attempt := 0; attempt < maxAttempts; attempt++ {
+	deadline := time.Now().Add(s.e.failoverWait)
+	for attempt := 0; attempt < maxAttempts; {
 		if s.route == nil {
 			if err := s.pickRoute(); err != nil {
-				if lastErr != nil {
-					return nil, fmt.Errorf("%w (after: %v)", err, lastErr)
+				// After a failure, wait for the grid to heal (a re-plan, a
+				// node back from back-off) instead of failing the request.
+				if lastErr == nil || !errors.Is(err, ErrUnavailable) || time.Now().After(deadline) {
+					if lastErr != nil {
+						return nil, fmt.Errorf("%w (after: %v)", err, lastErr)
+					}
+					return nil, err
 				}
-				return nil, err
+				select {
+				case <-ctx.Done():
+					return nil, ctx.Err()
+				case <-time.After(50 * time.Millisecond):
+				}
+				continue
 			}
 		}
+		attempt++
 		logits, failed, err := s.send(ctx)
 		if err == nil {
 			return logits, nil
@@ -284,14 +302,15 @@ func (s *session) step(ctx context.Context) ([]float32, error) {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
+		if errors.Is(err, ErrBadRequest) {
+			return nil, err
+		}
 		lastErr = err
 		s.e.log.Warn("stage failed; re-routing", "request", s.req.ID, "node", failed, "err", err)
 		if failed != "" {
 			s.e.health.fail(failed)
 		}
-		if s.done > 0 {
-			s.recomputed += s.done
-		}
+		s.recomputed += s.done
 		s.failovers++
 		for _, hp := range s.route {
 			s.e.health.releaseNode(hp.node)
@@ -406,7 +425,10 @@ func (s *session) pickRoute() error {
 			if !ok || r.State != wire.NodeReady || !holds(r, s.req.Model, st.First, st.End, s.plan.Layers) {
 				continue
 			}
-			score := s.e.health.penalty(id) + float64(r.Heartbeat.QueueDepth) + float64(s.e.health.inflight(id))
+			if s.e.health.backedOff(id) {
+				continue
+			}
+			score := float64(r.Heartbeat.QueueDepth) + float64(s.e.health.inflight(id))
 			if best == "" || score < bestScore {
 				best, bestScore = id, score
 			}
@@ -487,17 +509,16 @@ func (h *health) fail(node string) {
 		h.fails[node] = f
 	}
 	f.count++
-	f.until = time.Now().Add(time.Duration(1<<min(f.count, 8)) * 500 * time.Millisecond)
+	f.until = time.Now().Add(time.Duration(1<<min(f.count-1, 8)) * 500 * time.Millisecond)
 }
 
-// penalty is large while a node is backed off.
-func (h *health) penalty(node string) float64 {
+// backedOff reports whether node failed recently; each failure doubles the
+// back-off (0.5 s, 1 s, 2 s, … up to about 2 minutes).
+func (h *health) backedOff(node string) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if f := h.fails[node]; f != nil && time.Now().Before(f.until) {
-		return 1e6
-	}
-	return 0
+	f := h.fails[node]
+	return f != nil && time.Now().Before(f.until)
 }
 
 func (h *health) acquire(node string) {
