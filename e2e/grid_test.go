@@ -46,12 +46,19 @@ func testLog() *slog.Logger {
 // the demo model and waits until it is servable.
 func startGrid(t *testing.T, n int) (*local.Grid, string) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
 	o := testOptions(t)
 	o.Executors = n
 	o.Router.HTTPAddr = "127.0.0.1:0"
 	o.Router.AnonymousCustomer = "tester"
+	return startGridWith(t, o)
+}
+
+// startGridWith runs a local grid with options o (see startGrid).
+func startGridWith(t *testing.T, o local.Options) (*local.Grid, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	n := o.Executors
 	o.Router.StageTimeout = 5 * time.Second
 	o.Planner.Settle = 200 * time.Millisecond
 	o.Executor.HeartbeatInterval = 200 * time.Millisecond

@@ -18,7 +18,7 @@ func keyCmd(ctx context.Context, args []string, stdout, _ io.Writer) error {
 	}
 	defer c.Close()
 	k := router.NewKey()
-	if err := router.AddKey(ctx, c, k, args[1], "cli"); err != nil {
+	if err := router.AddKey(ctx, c, k, args[1], "cli", nil); err != nil {
 		return err
 	}
 	fmt.Fprintf(stdout, "API key for customer %s: %s\n", args[1], k)

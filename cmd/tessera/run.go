@@ -105,7 +105,7 @@ func runGrid(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if key == "" {
 		key = router.NewKey()
 	}
-	if err := router.AddKey(ctx, g.Admin, key, rc.DemoCustomer, "demo"); err != nil {
+	if err := router.AddKey(ctx, g.Admin, key, rc.DemoCustomer, "demo", nil); err != nil {
 		return err
 	}
 	wctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
