@@ -255,3 +255,37 @@ func TestTruncatedCheckpointImport(t *testing.T) {
 	}
 	_ = bytes.MinRead
 }
+
+// Concurrent requests are batched on each stage without changing any
+// request's output.
+func TestConcurrentRequestsKeepTheirOutput(t *testing.T) {
+	_, base := startGrid(t, 3)
+	const n = 8
+	errs := make(chan error, n)
+	for i := 0; i < n; i++ {
+		go func() {
+			req, _ := http.NewRequest(http.MethodPost, base+"/v1/completions", strings.NewReader(`{"model":"stories260k","prompt":"Once upon a time","max_tokens":60,"temperature":0}`))
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer resp.Body.Close()
+			var res wire.CompletionResponse
+			if err := json.NewDecoder(resp.Body).Decode(&res); err != nil {
+				errs <- err
+				return
+			}
+			if len(res.Choices) == 0 || res.Choices[0].Text != testmodel.GreedyText {
+				errs <- fmt.Errorf("HTTP %d: %+v", resp.StatusCode, res)
+				return
+			}
+			errs <- nil
+		}()
+	}
+	for i := 0; i < n; i++ {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+}
