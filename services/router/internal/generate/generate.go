@@ -320,87 +320,77 @@ func (s *session) step(ctx context.Context) ([]float32, error) {
 	return nil, fmt.Errorf("%w: %v", ErrUnavailable, lastErr)
 }
 
-// send runs the tokens seq[done:] through the route.
+// send runs the tokens seq[done:] through the route, one hop at a time:
+// the router sends each stage its input and takes its output back, so that
+// executors only answer requests and never address each other (they need no
+// permission to publish work to another node).
 func (s *session) send(ctx context.Context) ([]float32, string, error) {
 	toks := s.seq[s.done:]
 	in := make([]int32, len(toks))
 	for i, t := range toks {
 		in[i] = int32(t)
 	}
-	first := s.route[0]
-	msg := nats.NewMsg(subjects.Stage(first.node))
-	h := msg.Header
-	h.Set(wire.HdrRequest, s.req.ID)
-	h.Set(wire.HdrModel, s.req.Model)
-	h.Set(wire.HdrPlan, strconv.FormatUint(s.plan.Version, 10))
-	h.Set(wire.HdrCustomer, s.req.Customer)
-	h.Set(wire.HdrPos, strconv.Itoa(s.done))
-	h.Set(wire.HdrRange, fmt.Sprintf("%d:%d", first.first, first.end))
 	phase := "decode"
-	if s.done < len(s.seq)-1 || s.done == 0 {
+	if len(toks) > 1 || s.done == 0 {
 		phase = "prefill"
 	}
-	h.Set(wire.HdrPhase, phase)
-	if len(s.route) > 1 {
-		var rest []string
-		for _, hp := range s.route[1:] {
-			rest = append(rest, fmt.Sprintf("%s:%d:%d", hp.node, hp.first, hp.end))
+	frame := wire.AppendI32(nil, in)
+	cfg := s.model.Manifest.Config
+	for i, hp := range s.route {
+		msg := nats.NewMsg(subjects.Stage(hp.node))
+		h := msg.Header
+		h.Set(wire.HdrRequest, s.req.ID)
+		h.Set(wire.HdrModel, s.req.Model)
+		h.Set(wire.HdrPlan, strconv.FormatUint(s.plan.Version, 10))
+		h.Set(wire.HdrCustomer, s.req.Customer)
+		h.Set(wire.HdrPos, strconv.Itoa(s.done))
+		h.Set(wire.HdrRange, fmt.Sprintf("%d:%d", hp.first, hp.end))
+		h.Set(wire.HdrPhase, phase)
+		msg.Data = frame
+		telemetry.Inject(ctx, msg)
+		rctx, cancel := context.WithTimeout(ctx, s.e.stageTimeout+time.Duration(len(in))*10*time.Millisecond)
+		reply, err := s.e.bus.NC.RequestMsgWithContext(rctx, msg)
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, "", ctx.Err()
+			}
+			return nil, hp.node, fmt.Errorf("node %s: %w", hp.node, err)
 		}
-		h.Set(wire.HdrRoute, strings.Join(rest, ","))
-	}
-	msg.Data = wire.AppendI32(nil, in)
-	telemetry.Inject(ctx, msg)
-	timeout := s.e.stageTimeout + time.Duration(len(in))*10*time.Millisecond
-	rctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	reply, err := s.e.bus.NC.RequestMsgWithContext(rctx, msg)
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil, "", ctx.Err()
+		if e := reply.Header.Get(wire.HdrError); e != "" {
+			switch {
+			case strings.HasPrefix(e, wire.ErrCodeKVMiss):
+				// A replica without our cache: re-run the prefix (not a node fault).
+				return nil, "", fmt.Errorf("node %s: %s", hp.node, e)
+			case strings.HasPrefix(e, wire.ErrCodeBadRequest):
+				return nil, "", fmt.Errorf("%w: %s", ErrBadRequest, e)
+			}
+			return nil, hp.node, fmt.Errorf("node %s: %s", hp.node, e)
 		}
-		// Which hop failed is unknown: find the dead one by asking the registry's view.
-		return nil, s.suspect(), fmt.Errorf("route %v: %w", s.route, err)
-	}
-	if e := reply.Header.Get(wire.HdrError); e != "" {
-		node := reply.Header.Get(wire.HdrNode)
-		if strings.HasPrefix(e, wire.ErrCodeKVMiss) {
-			// A replica without our cache: re-run the prefix (not a node fault).
-			node = ""
+		f, err := wire.DecodeFrame(reply.Data)
+		if err != nil {
+			return nil, hp.node, fmt.Errorf("node %s: %w", hp.node, err)
 		}
-		if strings.HasPrefix(e, wire.ErrCodeBadRequest) {
-			return nil, "", fmt.Errorf("%w: %s", ErrBadRequest, e)
+		last := i == len(s.route)-1
+		want := cfg.Dim
+		if last {
+			want = cfg.Vocab
 		}
-		return nil, node, fmt.Errorf("node %s: %s", node, e)
-	}
-	f, err := wire.DecodeFrame(reply.Data)
-	if err != nil {
-		return nil, reply.Header.Get(wire.HdrNode), err
-	}
-	logits, err := f.F32(nil)
-	if err != nil || f.Cols != s.model.Manifest.Config.Vocab {
-		return nil, reply.Header.Get(wire.HdrNode), fmt.Errorf("bad logits frame %d×%d: %v", f.Rows, f.Cols, err)
-	}
-	s.done = len(s.seq)
-	return logits[len(logits)-f.Cols:], "", nil
-}
-
-// suspect returns the first node of the route the grid no longer lists as
-// live, or the first hop when all look alive.
-func (s *session) suspect() string {
-	for _, hp := range s.route {
-		if r, ok := s.e.view.Node(hp.node); !ok || r.State != wire.NodeReady {
-			return hp.node
+		if f.DType != wire.F32 || f.Cols != want || (!last && f.Rows != len(in)) {
+			return nil, hp.node, fmt.Errorf("node %s: reply frame %d×%d, want ×%d", hp.node, f.Rows, f.Cols, want)
 		}
-	}
-	// All listed: probe each with a no-op control request.
-	for _, hp := range s.route {
-		m := nats.NewMsg(subjects.Control(hp.node))
-		m.Data = []byte(`{"op":"release","request":"probe"}`)
-		if _, err := s.e.bus.NC.RequestMsg(m, 500*time.Millisecond); err != nil {
-			return hp.node
+		if last {
+			logits, err := f.F32(nil)
+			if err != nil {
+				return nil, hp.node, fmt.Errorf("node %s: %w", hp.node, err)
+			}
+			s.done = len(s.seq)
+			return logits[len(logits)-f.Cols:], "", nil
 		}
+		// The hidden state goes on to the next stage as it came.
+		frame = reply.Data
 	}
-	return ""
+	return nil, "", fmt.Errorf("empty route")
 }
 
 // pickRoute chooses, for each stage of the current plan, the healthiest
