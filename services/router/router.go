@@ -39,6 +39,10 @@ type Config struct {
 	// FailoverWait is how long a request whose route broke waits for a new
 	// route (a replica, or the re-plan after a node left).
 	FailoverWait time.Duration `env:"FAILOVER_WAIT, default=30s"`
+	// Region is where this router runs; nodes in other regions cost
+	// RegionLatency more per hop when routes are chosen.
+	Region        string        `env:"REGION, default=local"`
+	RegionLatency time.Duration `env:"REGION_LATENCY, default=20ms"`
 	// RequestTimeout bounds a whole request.
 	RequestTimeout time.Duration `env:"REQUEST_TIMEOUT, default=5m"`
 	// DefaultMaxTokens applies when a request gives none.
@@ -81,7 +85,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		return err
 	}
 	srv := &api.Server{
-		Engine: generate.New(deps.Bus, view, log, cfg.StageTimeout, cfg.FailoverWait), View: view, Auth: keys, Log: log,
+		Engine: generate.New(deps.Bus, view, log, cfg.StageTimeout, cfg.FailoverWait, generate.RouteCosts{Region: cfg.Region, RegionLatency: cfg.RegionLatency}), View: view, Auth: keys, Log: log,
 		MaxBody: cfg.MaxBody, DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout,
 		Admission: admission.New(admission.Limits{Concurrent: cfg.CustomerConcurrency, TokensPerMinute: cfg.CustomerTokensPerMinute}, cfg.QueueSize, cfg.QueueWait),
 	}

@@ -70,20 +70,27 @@ type Engine struct {
 	log          *slog.Logger
 	stageTimeout time.Duration
 	failoverWait time.Duration
+	costs        RouteCosts
 	health       *health
 }
 
 // New returns an engine over the grid view. stageTimeout bounds one pass
 // through a route; failoverWait is how long a request whose route broke
 // waits for a new one.
-func New(b *bus.Conn, view *grid.View, log *slog.Logger, stageTimeout, failoverWait time.Duration) *Engine {
+func New(b *bus.Conn, view *grid.View, log *slog.Logger, stageTimeout, failoverWait time.Duration, costs RouteCosts) *Engine {
 	if stageTimeout <= 0 {
 		stageTimeout = 10 * time.Second
 	}
 	if failoverWait <= 0 {
 		failoverWait = 30 * time.Second
 	}
-	return &Engine{bus: b, view: view, log: log, stageTimeout: stageTimeout, failoverWait: failoverWait, health: newHealth()}
+	if costs.HopOverhead <= 0 {
+		costs.HopOverhead = 100 * time.Microsecond
+	}
+	if costs.DefaultLayerTime <= 0 {
+		costs.DefaultLayerTime = time.Millisecond
+	}
+	return &Engine{bus: b, view: view, log: log, stageTimeout: stageTimeout, failoverWait: failoverWait, costs: costs, health: newHealth()}
 }
 
 // NewID returns a random request id.
@@ -391,55 +398,6 @@ func (s *session) send(ctx context.Context) ([]float32, string, error) {
 		frame = reply.Data
 	}
 	return nil, "", fmt.Errorf("empty route")
-}
-
-// pickRoute chooses, for each stage of the current plan, the healthiest
-// least-loaded replica that holds the stage's fragments.
-func (s *session) pickRoute() error {
-	m, err := s.e.view.Model(s.req.Model)
-	if err != nil {
-		return err
-	}
-	if m.Plan == nil || len(m.Plan.Stages) == 0 {
-		return fmt.Errorf("%w: model %s has no plan yet", ErrUnavailable, s.req.Model)
-	}
-	// A request keeps the plan it started with unless its route breaks.
-	if s.plan == nil || s.route == nil {
-		s.plan = m.Plan
-	}
-	var route []hop
-	for _, st := range s.plan.Stages {
-		best, bestScore := "", 0.0
-		for _, id := range st.Replicas {
-			r, ok := s.e.view.Node(id)
-			if !ok || r.State != wire.NodeReady || !holds(r, s.req.Model, st.First, st.End, s.plan.Layers) {
-				continue
-			}
-			if s.e.health.backedOff(id) {
-				continue
-			}
-			score := float64(r.Heartbeat.QueueDepth) + float64(s.e.health.inflight(id))
-			if best == "" || score < bestScore {
-				best, bestScore = id, score
-			}
-		}
-		if best == "" {
-			return fmt.Errorf("%w: no live replica holds layers [%d,%d) of %s", ErrUnavailable, st.First, st.End, s.req.Model)
-		}
-		if n := len(route); n > 0 && route[n-1].node == best && route[n-1].end == st.First {
-			route[n-1].end = st.End
-		} else {
-			route = append(route, hop{node: best, first: st.First, end: st.End})
-		}
-	}
-	for _, hp := range s.route {
-		s.e.health.releaseNode(hp.node)
-	}
-	for _, hp := range route {
-		s.e.health.acquire(hp.node)
-	}
-	s.route = route
-	return nil
 }
 
 func holds(r wire.NodeRecord, model string, first, end, layers int) bool {
