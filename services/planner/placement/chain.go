@@ -1,6 +1,7 @@
 package placement
 
 import (
+	"cmp"
 	"math"
 	"slices"
 )
@@ -220,18 +221,6 @@ func (ch *chain) blocks(f *Fleet) (blocks []block, idle []int) {
 		ch.fits[j].fit(ch.classes[j], ch.target, ch.needs[j])
 		blocks = append(blocks, ch.fits[j].blocks()...)
 	}
-	taken := map[*class]int{}
-	for bi := range blocks {
-		b := &blocks[bi]
-		start := taken[b.c]
-		b.nodes = slices.Clone(b.c.nodes[start : start+b.m])
-		taken[b.c] = start + b.m
-	}
-	for _, cs := range ch.classes {
-		for _, c := range cs {
-			idle = append(idle, c.nodes[taken[c]:]...)
-		}
-	}
 	// Edge blocks carry the region crossings; the others may go idle.
 	edge := make([]bool, len(blocks))
 	at := 0
@@ -245,6 +234,7 @@ func (ch *chain) blocks(f *Fleet) (blocks []block, idle []int) {
 		}
 		at += n
 	}
+	idle = staff(f, blocks)
 	kept := trim(blocks, f.problem.Model.Layers, func(bi int) bool { return edge[bi] })
 	inUse := map[int]bool{}
 	for _, b := range kept {
@@ -260,6 +250,62 @@ func (ch *chain) blocks(f *Fleet) (blocks []block, idle []int) {
 		}
 	}
 	return kept, idle
+}
+
+// staff picks the nodes of every block and returns the class members left
+// over. At a region crossing it picks the exit block's nodes with the best
+// links towards the next region's entry class, then the entry block's nodes
+// with the best links from those; other blocks take members in order.
+func staff(f *Fleet, blocks []block) (idle []int) {
+	free := map[*class][]int{}
+	for bi := range blocks {
+		c := blocks[bi].c
+		if _, ok := free[c]; !ok {
+			free[c] = slices.Clone(c.nodes)
+		}
+	}
+	take := func(c *class, m int, score func(i int) float64) []int {
+		nodes := free[c]
+		if score != nil {
+			slices.SortStableFunc(nodes, func(a, b int) int { return cmp.Compare(score(b), score(a)) })
+		}
+		out := slices.Clone(nodes[:m])
+		free[c] = nodes[m:]
+		return out
+	}
+	linkSum := func(i int, to []int, out bool) float64 {
+		sum := 0.0
+		for _, j := range to {
+			if out {
+				sum += min(f.bandwidth(i, j), math.MaxFloat64)
+			} else {
+				sum += min(f.bandwidth(j, i), math.MaxFloat64)
+			}
+		}
+		return sum
+	}
+	for bi := 0; bi+1 < len(blocks); bi++ {
+		a, b := &blocks[bi], &blocks[bi+1]
+		if a.c.region == b.c.region {
+			continue
+		}
+		if a.nodes == nil {
+			peers := free[b.c]
+			a.nodes = take(a.c, a.m, func(i int) float64 { return linkSum(i, peers, true) })
+		}
+		if b.nodes == nil {
+			b.nodes = take(b.c, b.m, func(j int) float64 { return linkSum(j, a.nodes, false) })
+		}
+	}
+	for bi := range blocks {
+		if blocks[bi].nodes == nil {
+			blocks[bi].nodes = take(blocks[bi].c, blocks[bi].m, nil)
+		}
+	}
+	for _, c := range slices.SortedFunc(mapsKeys(free), func(a, b *class) int { return a.nodes[0] - b.nodes[0] }) {
+		idle = append(idle, free[c]...)
+	}
+	return idle
 }
 
 // trim cuts the blocks down to exactly `layers` layers in all. Each block
@@ -333,12 +379,12 @@ func trim(blocks []block, layers int, mandatory func(bi int) bool) []block {
 }
 
 // spans turns laid-out blocks into node spans along [0, layers).
-func blockSpans(blocks []block) []span {
+func blockSpans(blocks []block, pipe int) []span {
 	var out []span
 	at := 0
 	for _, b := range blocks {
 		for _, i := range b.nodes {
-			out = append(out, span{node: i, first: at, end: at + b.layers})
+			out = append(out, span{node: i, first: at, end: at + b.layers, pipe: pipe})
 		}
 		at += b.layers
 	}

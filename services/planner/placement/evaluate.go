@@ -80,9 +80,11 @@ func Evaluate(p *Problem, assignments []Assignment, mode FlowMode) (Flow, error)
 	return Flow{TokensPerS: total, NodeTokensPerS: per}, nil
 }
 
-// span is an assignment by node index.
+// span is an assignment by node index; pipe numbers the pipeline it
+// belongs to (see Assignment.Pipeline).
 type span struct {
 	node, first, end int
+	pipe             int
 }
 
 func (s span) layers() int { return s.end - s.first }
@@ -108,7 +110,7 @@ func (f *Fleet) spans(as []Assignment) ([]span, error) {
 				ErrInvalidPlacement, a.Node, a.First, a.End, f.problem.Model.Layers)
 		}
 		seen[i] = true
-		out = append(out, span{node: i, first: a.First, end: a.End})
+		out = append(out, span{node: i, first: a.First, end: a.End, pipe: a.Pipeline})
 	}
 	return out, nil
 }

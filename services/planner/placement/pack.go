@@ -67,6 +67,19 @@ func buildClasses(f *Fleet, nodes []int) []*class {
 	return out
 }
 
+// classesOf builds the classes of all eligible nodes and maps each node to
+// its class's index.
+func classesOf(f *Fleet) ([]*class, map[int]int) {
+	classes := buildClasses(f, f.eligible())
+	classOf := map[int]int{}
+	for ci, c := range classes {
+		for _, i := range c.nodes {
+			classOf[i] = ci
+		}
+	}
+	return classes, classOf
+}
+
 // plan is a class's contribution at a target throughput: a knapsack over
 // block sizes.
 type plan struct {

@@ -25,6 +25,8 @@ type Placement struct {
 	Stages []Stage `json:"stages"`
 	// Rejections lists the nodes that could not hold layers, and why.
 	Rejections []Rejection `json:"rejections,omitempty"`
+	// Replan compares an incremental plan with a fresh one (nil for a fresh plan).
+	Replan *Replan `json:"replan,omitempty"`
 }
 
 // Assignment is one node's share: the contiguous layers [First, End).
@@ -32,6 +34,10 @@ type Assignment struct {
 	Node  string `json:"node"`
 	First int    `json:"first"`
 	End   int    `json:"end"`
+	// Pipeline numbers the chain of blocks the node was planned in: a
+	// strategy builds one or more pipelines that each cover every layer
+	// (tessera: one per region or group of regions). Re-planning keeps them.
+	Pipeline int `json:"pipeline"`
 	// Experts lists the experts the node holds in each of its layers; nil
 	// means all of them (and always for a dense model).
 	Experts []int `json:"experts,omitempty"`
@@ -157,7 +163,7 @@ func finish(f *Fleet, name string, spans []span, prev *Placement, mode FlowMode)
 	}
 	for i, s := range spans {
 		pl.Assignments = append(pl.Assignments, Assignment{
-			Node: p.Nodes[s.node].ID, First: s.first, End: s.end, TokensPerS: per[i],
+			Node: p.Nodes[s.node].ID, First: s.first, End: s.end, Pipeline: s.pipe, TokensPerS: per[i],
 		})
 	}
 	pl.Stages = BuildStages(p.Model.Layers, pl.Assignments)

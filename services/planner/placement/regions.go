@@ -4,10 +4,16 @@ import (
 	"slices"
 )
 
+// mergeAllNodes is the fleet size up to which regions that can serve alone
+// still try joining others: on small fleets a joint pipeline can beat
+// separate ones (coarse layer counts waste less), on large ones it cannot
+// pay for its slow crossings and costs too much to try.
+const mergeAllNodes = 256
+
 // regionChains decides which regions form a pipeline together. A region
-// that can hold the whole model runs its own pipeline (crossing slow links
-// only costs throughput); a region that cannot joins the pipeline it helps
-// most, until no merge raises the total throughput.
+// that cannot hold the whole model joins the pipeline it helps most; on
+// small fleets, so may any region when that raises the total. Merging stops
+// when no merge raises the total throughput.
 func regionChains(f *Fleet, nw *network, byRegion map[int][]*class) []*chain {
 	var regions []int
 	for r := range byRegion {
@@ -24,12 +30,18 @@ func regionChains(f *Fleet, nw *network, byRegion map[int][]*class) []*chain {
 		ch.solve(f, nw)
 		sets = append(sets, &set{regions: []int{r}, ch: ch})
 	}
+	nodes := 0
+	for _, cs := range byRegion {
+		for _, c := range cs {
+			nodes += len(c.nodes)
+		}
+	}
 	for {
 		bestGain, bestA, bestB := 0.0, -1, -1
 		var bestChain *chain
 		for a, sa := range sets {
-			if sa.ch.target > 0 {
-				continue // only regions that cannot serve alone look for partners
+			if sa.ch.target > 0 && nodes > mergeAllNodes {
+				continue // on large fleets only regions that cannot serve alone look for partners
 			}
 			for b, sb := range sets {
 				if a == b {

@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"slices"
-	"time"
 )
 
 // TesseraName is the name of the default strategy.
@@ -15,15 +14,19 @@ const TesseraName = "tessera"
 // over heterogeneous nodes, region-aware, polished by local search on the
 // exact max flow. With a previous placement it re-plans incrementally.
 type Tessera struct {
-	// Search bounds the local search that polishes a plan (0: DefaultSearch;
-	// negative: none). The search is deterministic for a given Seed.
-	Search time.Duration
-	// Seed makes the local search reproducible.
+	// Evaluations bounds the local search that polishes a plan, in max-flow
+	// evaluations (0: DefaultEvaluations; negative: no search). A count, not
+	// a time, so that plans are reproducible on any machine.
+	Evaluations int
+	// Seed seeds the local search.
 	Seed uint64
+	// FlowFloor is the share of a from-scratch plan's throughput that an
+	// incremental re-plan must keep (0: DefaultFlowFloor).
+	FlowFloor float64
 }
 
-// DefaultSearch is the local-search budget of a Tessera with Search 0.
-const DefaultSearch = 300 * time.Millisecond
+// DefaultFlowFloor is the FlowFloor of a Tessera with FlowFloor 0.
+const DefaultFlowFloor = 0.95
 
 var _ Strategy = Tessera{}
 
@@ -90,18 +93,60 @@ func construct(f *Fleet, nodes []int) ([]span, error) {
 		byRegion[c.region] = append(byRegion[c.region], c)
 	}
 	nw := newNetwork(f, nodes)
-	chains := regionChains(f, nw, byRegion)
-	if len(chains) == 0 {
-		return nil, fmt.Errorf("%w: %d eligible nodes cannot hold the %d layers of %s between them",
-			ErrInfeasible, len(nodes), f.problem.Model.Layers, f.problem.Model.Name)
+	for round := 0; ; round++ {
+		chains := regionChains(f, nw, byRegion)
+		if len(chains) == 0 {
+			return nil, fmt.Errorf("%w: %d eligible nodes cannot hold the %d layers of %s between them",
+				ErrInfeasible, len(nodes), f.problem.Model.Layers, f.problem.Model.Name)
+		}
+		var spans []span
+		calibrated := false
+		for pipe, ch := range chains {
+			blocks, idle := ch.blocks(f)
+			fill(f, blocks, idle)
+			if nw.calibrate(f, blocks, ch.target) {
+				calibrated = true
+			}
+			spans = append(spans, blockSpans(blocks, pipe)...)
+		}
+		if !calibrated || round == calibrationRounds {
+			return spans, nil
+		}
 	}
-	var spans []span
-	for _, ch := range chains {
-		blocks, idle := ch.blocks(f)
-		fill(f, blocks, idle)
-		spans = append(spans, blockSpans(blocks)...)
+}
+
+// calibrationRounds bounds how often construct re-plans after learning that
+// a crossing's links are slower than the regions' mean suggested.
+const calibrationRounds = 3
+
+// calibrate checks every region crossing of laid-out blocks against the
+// real links of the chosen nodes; where they carry less than target, it
+// lowers the planning bandwidth of that region pair to what they carry and
+// reports true.
+func (nw *network) calibrate(f *Fleet, blocks []block, target float64) bool {
+	act := float64(f.problem.Model.ActivationBytesPerToken)
+	changed := false
+	for bi := 0; bi+1 < len(blocks); bi++ {
+		a, b := &blocks[bi], &blocks[bi+1]
+		ra, rb := a.c.region, b.c.region
+		if ra == rb {
+			continue
+		}
+		real := 0.0
+		for _, i := range a.nodes {
+			for _, j := range b.nodes {
+				real += perUnit(f.bandwidth(i, j), act)
+			}
+		}
+		if real < target*(1-1e-9) {
+			perPair := real / float64(len(a.nodes)*len(b.nodes)) * (1 - 1e-6)
+			if perPair < nw.pairTok[ra][rb] {
+				nw.pairTok[ra][rb] = perPair
+				changed = true
+			}
+		}
 	}
-	return spans, nil
+	return changed
 }
 
 // fill adds idle nodes beside the weakest block of their region that they

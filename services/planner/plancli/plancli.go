@@ -46,7 +46,7 @@ func PlanCommand(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	cluster := fs.String("cluster", "", "Helix cluster file (.ini with [ComputeNode-N] sections)")
 	model := fs.String("model", "", "model: "+strings.Join(helix.Models(), " | "))
 	strategy := fs.String("strategy", placement.TesseraName, "placement strategy: "+strings.Join(placement.StrategyNames(), " | "))
-	search := fs.Duration("search", 0, "local-search budget of the tessera strategy (0: its default, negative: none)")
+	evals := fs.Int("evaluations", 0, "local-search budget of the tessera strategy in max-flow evaluations (0: its default, negative: none)")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: tessera plan --cluster FILE.ini --model NAME [--strategy NAME]")
 		fs.PrintDefaults()
@@ -63,7 +63,7 @@ func PlanCommand(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	if t, ok := strat.(placement.Tessera); ok {
-		t.Search = *search
+		t.Evaluations = *evals
 		strat = t
 	}
 	p, err := LoadProblem(*cluster, *model)
