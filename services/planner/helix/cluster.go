@@ -189,9 +189,17 @@ func (c *Cluster) Mix() Mix {
 	for _, n := range c.Nodes {
 		counts[n.Type]++
 	}
+	return mixOf(counts)
+}
+
+// mixOf orders machine counts by type into a Mix (types without machines
+// left out).
+func mixOf(counts map[string]int) Mix {
 	var mix Mix
 	for t, k := range counts {
-		mix = append(mix, MixEntry{Type: t, Count: k})
+		if k > 0 {
+			mix = append(mix, MixEntry{Type: t, Count: k})
+		}
 	}
 	slices.SortFunc(mix, func(a, b MixEntry) int { return compareTypes(a.Type, b.Type) })
 	return mix

@@ -25,15 +25,9 @@ func (c *Cluster) Problem(m *Model, profiles map[string]MachineProfile, mix Mix)
 	if mix == nil {
 		mix = c.Mix()
 	}
-	tp, err := NewThroughput(m, mix)
+	tables, err := Tables(m, mix)
 	if err != nil {
 		return nil, err
-	}
-	tables := map[string]placement.ThroughputTable{}
-	for _, e := range mix {
-		if tables[e.Type], err = Table(tp, e.Type); err != nil {
-			return nil, err
-		}
 	}
 	p := &placement.Problem{Model: ModelSpec(m)}
 	regions := c.Regions()
@@ -89,6 +83,22 @@ func ModelSpec(m *Model) placement.Model {
 		ActivationBytesPerToken: m.ActivationBytes,
 		TokenBytes:              m.TokenBytes,
 	}
+}
+
+// Tables runs the throughput model of m for mix and tabulates every type of
+// the mix for 1..max layers.
+func Tables(m *Model, mix Mix) (map[string]placement.ThroughputTable, error) {
+	tp, err := NewThroughput(m, mix)
+	if err != nil {
+		return nil, err
+	}
+	tables := map[string]placement.ThroughputTable{}
+	for _, e := range mix {
+		if tables[e.Type], err = Table(tp, e.Type); err != nil {
+			return nil, err
+		}
+	}
+	return tables, nil
 }
 
 // Table is the typical throughput of machine type typ for 1..max layers.

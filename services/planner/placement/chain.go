@@ -117,8 +117,11 @@ func (ch *chain) cover(nw *network, target float64) int {
 		}
 		return s
 	}
+	for j := range ch.regions {
+		ch.fits[j].prepare(ch.classes[j], target)
+	}
 	if n == 1 {
-		ch.fits[0].fit(ch.classes[0], target, edgeNeed{})
+		ch.fits[0].fit(edgeNeed{})
 		ch.needs = []edgeNeed{{}}
 		return ch.fits[0].layers
 	}
@@ -138,7 +141,7 @@ func (ch *chain) cover(nw *network, target float64) int {
 		for o, x := range opts[j] {
 			dp[j][o] = cell{layers: -1, from: -1}
 			if j == 0 {
-				ch.fits[0].fit(ch.classes[0], target, edgeNeed{out: x.out})
+				ch.fits[0].fit(edgeNeed{out: x.out})
 				dp[0][o].layers = ch.fits[0].layers
 				continue
 			}
@@ -146,7 +149,7 @@ func (ch *chain) cover(nw *network, target float64) int {
 				if dp[j-1][po].layers < 0 {
 					continue
 				}
-				ch.fits[j].fit(ch.classes[j], target, edgeNeed{in: px.in, out: x.out})
+				ch.fits[j].fit(edgeNeed{in: px.in, out: x.out})
 				if v := dp[j-1][po].layers + ch.fits[j].layers; v > dp[j][o].layers {
 					dp[j][o] = cell{layers: v, from: po}
 				}
@@ -158,7 +161,7 @@ func (ch *chain) cover(nw *network, target float64) int {
 		if dp[n-2][po].layers < 0 {
 			continue
 		}
-		ch.fits[n-1].fit(ch.classes[n-1], target, edgeNeed{in: px.in})
+		ch.fits[n-1].fit(edgeNeed{in: px.in})
 		if v := dp[n-2][po].layers + ch.fits[n-1].layers; v > best {
 			best, bestO = v, po
 		}
@@ -204,7 +207,7 @@ func (ch *chain) solve(f *Fleet, nw *network) float64 {
 		} else {
 			hi = mid
 		}
-		if hi-lo <= 1e-9*hi {
+		if hi-lo <= 1e-6*hi {
 			break
 		}
 	}
@@ -218,7 +221,8 @@ func (ch *chain) solve(f *Fleet, nw *network) float64 {
 // the nodes left idle.
 func (ch *chain) blocks(f *Fleet) (blocks []block, idle []int) {
 	for j := range ch.regions {
-		ch.fits[j].fit(ch.classes[j], ch.target, ch.needs[j])
+		ch.fits[j].prepare(ch.classes[j], ch.target)
+		ch.fits[j].fit(ch.needs[j])
 		blocks = append(blocks, ch.fits[j].blocks()...)
 	}
 	// Edge blocks carry the region crossings; the others may go idle.

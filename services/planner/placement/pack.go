@@ -177,8 +177,10 @@ type edgeNeed struct{ in, out int }
 // regionFit is how a region covers layers at a target: the per-class plans
 // and how the edge blocks were chosen.
 type regionFit struct {
-	plans  []plan
-	layers int
+	plans   []plan
+	classes []*class
+	base    int
+	layers  int
 	// first and last are the edge blocks (class index, size); -1 when none.
 	firstClass, firstM int
 	lastClass, lastM   int
@@ -186,18 +188,25 @@ type regionFit struct {
 	single bool
 }
 
-// fit computes how many layers the classes of one region cover at target
-// with the given edge needs, keeping the plans for reconstruction.
-func (rf *regionFit) fit(classes []*class, target float64, need edgeNeed) {
+// prepare runs the per-class knapsacks of one region at target; fit then
+// answers for any edge needs without running them again.
+func (rf *regionFit) prepare(classes []*class, target float64) {
 	if cap(rf.plans) < len(classes) {
 		rf.plans = make([]plan, len(classes))
 	}
 	rf.plans = rf.plans[:len(classes)]
-	base := 0
+	rf.classes = classes
+	rf.base = 0
 	for ci, c := range classes {
 		rf.plans[ci].reset(c, target)
-		base += rf.plans[ci].best[len(c.nodes)]
+		rf.base += rf.plans[ci].best[len(c.nodes)]
 	}
+}
+
+// fit computes how many layers the region covers with the given edge needs
+// (after prepare), keeping the choice for reconstruction.
+func (rf *regionFit) fit(need edgeNeed) {
+	classes, base := rf.classes, rf.base
 	rf.firstClass, rf.lastClass, rf.single = -1, -1, false
 	rf.firstM, rf.lastM = 0, 0
 	if need.in == 0 && need.out == 0 {
