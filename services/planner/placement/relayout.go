@@ -11,7 +11,7 @@ import (
 // boundary, the block (with nodes of the right classes, taken from the
 // segment's own nodes and the idle ones) whose nodes fetch the fewest layers
 // per layer held goes next.
-func relayout(f *Fleet, spans []span, old map[int]span) []span {
+func relayout(f *Fleet, spans []span, old holdings) []span {
 	_, classOf := classesOf(f)
 	used := map[int]bool{}
 	for _, s := range spans {
@@ -52,7 +52,7 @@ type lblock struct {
 	fixed      bool
 }
 
-func relayoutPipe(f *Fleet, spans []span, old map[int]span, classOf map[int]int, idle map[int][]int) []span {
+func relayoutPipe(f *Fleet, spans []span, old holdings, classOf map[int]int, idle map[int][]int) []span {
 	byRange := map[[2]int][]int{}
 	for _, s := range spans {
 		byRange[[2]int{s.first, s.end}] = append(byRange[[2]int{s.first, s.end}], s.node)
@@ -101,7 +101,7 @@ func relayoutPipe(f *Fleet, spans []span, old map[int]span, classOf map[int]int,
 
 // relayoutSegment lays out blocks (one region, no crossing) greedily from
 // the segment's first boundary.
-func relayoutSegment(f *Fleet, blocks []lblock, old map[int]span, classOf map[int]int, idle map[int][]int, pipe int) []span {
+func relayoutSegment(f *Fleet, blocks []lblock, old holdings, classOf map[int]int, idle map[int][]int, pipe int) []span {
 	pool := map[int][]int{} // available nodes by class
 	for _, b := range blocks {
 		for _, i := range b.nodes {
@@ -146,7 +146,7 @@ func relayoutSegment(f *Fleet, blocks []lblock, old map[int]span, classOf map[in
 
 // cheapestNodes picks, for each member class of b, the available nodes that
 // fetch the fewest layers to hold [at, at+l).
-func cheapestNodes(f *Fleet, b lblock, at, l int, old map[int]span, classOf map[int]int, pool map[int][]int, taken map[int]bool) ([]int, int, bool) {
+func cheapestNodes(f *Fleet, b lblock, at, l int, old holdings, classOf map[int]int, pool map[int][]int, taken map[int]bool) ([]int, int, bool) {
 	var nodes []int
 	cost := 0
 	pick := map[int]bool{}

@@ -1,6 +1,7 @@
 package placement
 
 import (
+	"cmp"
 	"context"
 	"maps"
 	"math"
@@ -61,7 +62,7 @@ func (t Tessera) replan(ctx context.Context, f *Fleet, prev *Placement) (*Placem
 	add("scratch", scratch)
 	add("relabel", relabel(f, scratch, old))
 	add("relayout", relabel(f, relayout(f, scratch, old), old))
-	add("repair", repair(f, old, scratchFlow, floor))
+	add("repair", repair(f, old, pipelineFlows(prev), scratchFlow, floor))
 	best := -1
 	for ci, c := range cands {
 		if best < 0 {
@@ -94,13 +95,31 @@ func (t Tessera) flowFloor() float64 {
 	return min(t.FlowFloor, 1)
 }
 
-// prevRanges maps node index to the range it holds under prev (absent: none).
-func prevRanges(f *Fleet, prev *Placement) map[int]span {
+// pipelineFlows is the flow each pipeline of prev carried: the flow
+// through its nodes that hold the first layer.
+func pipelineFlows(prev *Placement) map[int]float64 {
+	out := map[int]float64{}
+	for _, a := range prev.Assignments {
+		if a.First == 0 {
+			out[a.Pipeline] += a.TokensPerS
+		}
+	}
+	return out
+}
+
+// holdings is what each node (by index) holds under the previous plan; a
+// span with end 0 means nothing.
+type holdings []span
+
+func (h holdings) holds(i int) bool { return h[i].end > 0 }
+
+// prevRanges returns what every node of f holds under prev.
+func prevRanges(f *Fleet, prev *Placement) holdings {
 	index := make(map[string]int, len(f.problem.Nodes))
 	for i := range f.problem.Nodes {
 		index[f.problem.Nodes[i].ID] = i
 	}
-	old := map[int]span{}
+	old := make(holdings, len(f.problem.Nodes))
 	for _, a := range prev.Assignments {
 		if i, ok := index[a.Node]; ok && a.First < a.End && a.End <= f.problem.Model.Layers {
 			old[i] = span{node: i, first: a.First, end: a.End, pipe: a.Pipeline}
@@ -110,16 +129,13 @@ func prevRanges(f *Fleet, prev *Placement) map[int]span {
 }
 
 // fetch is the number of layers of [first, end) that node i does not hold.
-func fetch(old map[int]span, i, first, end int) int {
-	o, ok := old[i]
-	if !ok {
-		return end - first
-	}
+func fetch(old holdings, i, first, end int) int {
+	o := old[i]
 	return end - first - max(0, min(end, o.end)-max(first, o.first))
 }
 
 // movedLayers counts the layers spans make nodes fetch.
-func movedLayers(old map[int]span, spans []span) int64 {
+func movedLayers(old holdings, spans []span) int64 {
 	var n int64
 	for _, s := range spans {
 		n += int64(fetch(old, s.node, s.first, s.end))
@@ -130,7 +146,7 @@ func movedLayers(old map[int]span, spans []span) int64 {
 // relabel gives each range of a fresh plan to the node of the same class
 // that already holds most of it: per class, an assignment problem between
 // the class's nodes and the ranges its members were given, solved exactly.
-func relabel(f *Fleet, spans []span, old map[int]span) []span {
+func relabel(f *Fleet, spans []span, old holdings) []span {
 	classes, classOf := classesOf(f)
 	slots := make([][]span, len(classes))
 	var out []span
@@ -284,6 +300,8 @@ type rblock struct {
 	// cap[λ] is the block's capacity with λ layers (nodes that cannot hold
 	// λ stay idle).
 	cap []float64
+	// fetch caches the layers the block's nodes fetch for each new range.
+	fetch []float64
 }
 
 // repairSkip is how many blocks a repaired pipeline may drop in a row.
@@ -294,15 +312,17 @@ const repairSkip = 3
 // per pipeline, a dynamic programme over (block, boundary) finds the layout
 // whose blocks all carry a target throughput while fetching the fewest
 // layers. Where a departed node left a hole, it also tries moving a few
-// nodes into the hole (greedily, the ones that save most), since closing a
-// wide hole by shifting every boundary makes many nodes fetch a little. The
-// target is the fresh plan's throughput, lowered a little when that saves
-// many bytes, never below the floor. It returns nil when prev's pipelines
-// are not chains of disjoint blocks.
-func repair(f *Fleet, old map[int]span, scratchFlow, floor float64) []span {
+// nodes into the hole (greedily, the ones that help most), since closing a
+// wide hole by shifting every boundary makes many nodes fetch a little.
+// Each pipeline gets a menu of (target, cheapest layout) around the flow it
+// carried before; the pipelines' targets are then chosen together so that
+// they add up to the floor at the least cost (preferring more throughput
+// when it costs little more). It returns nil when prev's pipelines are not
+// chains of disjoint blocks or cannot reach the floor.
+func repair(f *Fleet, old holdings, before map[int]float64, scratchFlow, floor float64) []span {
 	byPipe := map[int][]int{}
 	for i, s := range old {
-		if f.limit[i] > 0 {
+		if old.holds(i) && f.limit[i] > 0 {
 			byPipe[s.pipe] = append(byPipe[s.pipe], i)
 		}
 	}
@@ -312,59 +332,74 @@ func repair(f *Fleet, old map[int]span, scratchFlow, floor float64) []span {
 		slices.Sort(byPipe[p])
 	}
 	slices.Sort(pipes)
-	var rps []*repairPipe
+	// A pipeline's share of the fresh plan's flow and of the floor follows
+	// the flow it carried before.
+	share := map[int]float64{}
+	sum := 0.0
 	for _, p := range pipes {
+		sum += before[p]
+	}
+	for _, p := range pipes {
+		if sum > 0 {
+			share[p] = before[p] / sum
+		} else {
+			share[p] = 1 / float64(len(pipes))
+		}
+	}
+	idle := idleByRegion(f, old)
+	menus := make([][]option, len(pipes))
+	for k, p := range pipes {
 		rp := newRepairPipe(f, old, byPipe[p], p, nil)
 		if rp == nil {
 			return nil
 		}
-		rps = append(rps, rp)
+		base := before[p]
+		if base <= 0 {
+			base = rp.maxTarget(floor)
+		}
+		levels := menuTargets(base, share[p]*scratchFlow, share[p]*floor)
+		variants := append([]*repairPipe{rp}, insertions(rp, byPipe[p], idle, levels)...)
+		for _, t := range []float64{share[p] * floor * 1.02, share[p] * scratchFlow} {
+			if v := reinforce(rp, byPipe[p], idle, t); v != nil {
+				variants = append(variants, v)
+			}
+		}
+		menus[k] = menu(variants, levels)
 	}
-	if len(rps) == 0 {
+	choice, ok := allocate(menus, floor*1.005)
+	if !ok {
 		return nil
 	}
-	// The pipelines share the target in proportion to what each reaches.
-	reach := make([]float64, len(rps))
-	total := 0.0
-	for k, rp := range rps {
-		reach[k] = rp.maxTarget(scratchFlow)
-		total += reach[k]
-	}
-	if total <= 0 {
-		return nil
-	}
-	idle := idleByRegion(f, old)
 	var out []span
-	for k, rp := range rps {
-		share := reach[k] / total
-		targets := targetLevels(scratchFlow*share, floor*share)
-		opts := rp.options(targets)
-		opts = append(opts, insertions(rp, byPipe[rp.pipe], idle, targets)...)
-		o, ok := pickOption(opts)
-		if !ok {
-			return nil
+	for _, o := range choice {
+		if o.rp != nil {
+			out = append(out, o.rp.spans(o.ranges)...)
 		}
-		out = append(out, o.rp.spans(o.ranges)...)
 	}
 	return out
 }
 
-// targetLevels are the targets a repair tries: the goal, a few steps below
-// it, and just above the floor.
-func targetLevels(goal, floor float64) []float64 {
-	out := []float64{goal}
-	for _, share := range []float64{0.99, 0.98, 0.97, 0.96} {
-		if goal*share >= floor*1.005 {
-			out = append(out, goal*share)
-		}
+// menuTargets are the targets a repaired pipeline is offered at, highest
+// first: around the flow it carried before, around its share of the fresh
+// plan's flow, and just above its share of the floor.
+func menuTargets(before, scratch, floor float64) []float64 {
+	var out []float64
+	for _, s := range []float64{1.1, 1.05, 1, 0.97, 0.94, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5} {
+		out = append(out, before*s)
 	}
-	if floor*1.005 < goal {
-		out = append(out, floor*1.005)
+	for _, s := range []float64{1, 0.99, 0.98, 0.97, 0.96} {
+		out = append(out, scratch*s)
 	}
-	return out
+	for _, s := range []float64{1.005, 1.02, 1.05, 1.1} {
+		out = append(out, floor*s)
+	}
+	slices.Sort(out)
+	slices.Reverse(out)
+	return slices.Compact(out)
 }
 
-// option is a repaired layout of one pipeline at one target.
+// option is a repaired layout of one pipeline at one target (rp nil: the
+// pipeline is given up, its nodes idle).
 type option struct {
 	rp     *repairPipe
 	target float64
@@ -372,104 +407,336 @@ type option struct {
 	cost   float64
 }
 
-// options lays rp out at every target it reaches.
-func (rp *repairPipe) options(targets []float64) []option {
-	var out []option
-	for _, t := range targets {
-		if r, c, ok := rp.layout(t); ok {
-			out = append(out, option{rp: rp, target: t, ranges: r, cost: c})
+// menu lists, per target level, the cheapest layout among the variants.
+func menu(variants []*repairPipe, levels []float64) []option {
+	out := []option{{}} // giving the pipeline up is always possible
+	for _, t := range levels {
+		best := option{cost: math.Inf(1)}
+		for _, v := range variants {
+			if r, c, ok := v.layout(t); ok && c < best.cost {
+				best = option{rp: v, target: t, ranges: r, cost: c}
+			}
+		}
+		if best.rp != nil {
+			out = append(out, best)
 		}
 	}
 	return out
 }
 
-// pickOption takes the highest target whose cost is within 10% (and one
-// layer) of the cheapest option's: throughput first unless it costs clearly more.
-func pickOption(opts []option) (option, bool) {
-	if len(opts) == 0 {
-		return option{}, false
+// allocateExhaustive is the number of pipelines up to which allocate tries
+// every combination of menu entries.
+const allocateExhaustive = 4
+
+// allocate picks one option per pipeline whose targets add up to at least
+// need: the cheapest such pick, or among those within 10% (and one layer)
+// of it the one with the most throughput. Beyond a few pipelines it lowers
+// targets greedily from the top instead.
+func allocate(menus [][]option, need float64) ([]option, bool) {
+	if len(menus) > allocateExhaustive {
+		return allocateGreedy(menus, need)
 	}
-	cheapest := opts[0].cost
-	for _, o := range opts {
-		cheapest = min(cheapest, o.cost)
+	type pick struct {
+		idx         []int
+		cost, total float64
+	}
+	var picks []pick
+	idx := make([]int, len(menus))
+	var walk func(k int, cost, total float64)
+	walk = func(k int, cost, total float64) {
+		if k == len(menus) {
+			if total >= need {
+				picks = append(picks, pick{slices.Clone(idx), cost, total})
+			}
+			return
+		}
+		for e, o := range menus[k] {
+			idx[k] = e
+			walk(k+1, cost+o.cost, total+o.target)
+		}
+	}
+	walk(0, 0, 0)
+	if len(picks) == 0 {
+		return nil, false
+	}
+	cheapest := math.Inf(1)
+	for _, p := range picks {
+		cheapest = min(cheapest, p.cost)
 	}
 	best := -1
-	for k, o := range opts {
-		if o.cost > cheapest*1.1+1 {
+	for k, p := range picks {
+		if p.cost > cheapest*1.1+1 {
 			continue
 		}
-		if best < 0 || o.target > opts[best].target*(1+1e-12) ||
-			o.target >= opts[best].target*(1-1e-12) && o.cost < opts[best].cost {
+		if best < 0 || p.total > picks[best].total*(1+1e-12) ||
+			p.total >= picks[best].total*(1-1e-12) && p.cost < picks[best].cost {
 			best = k
 		}
 	}
-	return opts[best], true
+	out := make([]option, len(menus))
+	for k, e := range picks[best].idx {
+		out[k] = menus[k][e]
+	}
+	return out, true
+}
+
+// allocateGreedy starts every pipeline at its highest target and, while the
+// total stays at least need, steps down the pipeline whose lower option
+// saves the most layers.
+func allocateGreedy(menus [][]option, need float64) ([]option, bool) {
+	at := make([]int, len(menus))
+	total := 0.0
+	for k, m := range menus {
+		for e := range m {
+			if m[e].target > m[at[k]].target {
+				at[k] = e
+			}
+		}
+		total += m[at[k]].target
+	}
+	if total < need {
+		return nil, false
+	}
+	for {
+		bestK, bestE, bestSave := -1, -1, 0.0
+		for k, m := range menus {
+			cur := m[at[k]]
+			for e, o := range m {
+				if o.target < cur.target && total-cur.target+o.target >= need && cur.cost-o.cost > bestSave {
+					bestK, bestE, bestSave = k, e, cur.cost-o.cost
+				}
+			}
+		}
+		if bestK < 0 {
+			break
+		}
+		total += menus[bestK][bestE].target - menus[bestK][at[bestK]].target
+		at[bestK] = bestE
+	}
+	out := make([]option, len(menus))
+	for k, e := range at {
+		out[k] = menus[k][e]
+	}
+	return out, true
 }
 
 // maxDonors bounds how many nodes move into one hole.
-const maxDonors = 3
+const maxDonors = 4
 
 // insertions tries moving nodes into the holes of rp: for each hole, it
 // adds donors one at a time (idle nodes of the pipeline's regions, or nodes
-// of the pipeline itself), each time the one whose move makes the cheapest
-// layout, while that keeps getting cheaper.
-func insertions(rp *repairPipe, nodes []int, idle map[int][]int, targets []float64) []option {
-	var out []option
+// of the pipeline itself), each time the one whose move lets the pipeline
+// reach the highest of the levels at the lowest cost, while that improves.
+// It returns the variants it built.
+func insertions(rp *repairPipe, nodes []int, idle map[int][]int, levels []float64) []*repairPipe {
+	var out []*repairPipe
 	regions := map[int]bool{}
 	for _, i := range nodes {
 		regions[rp.f.region[i]] = true
 	}
-	var pool []int
+	var idlePool []int
 	for r := range regions {
-		pool = append(pool, idle[r]...)
+		idlePool = append(idlePool, idle[r]...)
 	}
-	pool = append(pool, nodes...)
-	slices.Sort(pool)
-	cheapest := func(opts []option) float64 {
-		c := math.Inf(1)
-		for _, o := range opts {
-			c = min(c, o.cost)
+	slices.Sort(idlePool)
+	// score ranks a variant: the first (highest) level it reaches, then its cost there.
+	score := func(v *repairPipe) (int, float64) {
+		for l, t := range levels {
+			if _, c, ok := v.layout(t); ok {
+				return l, c
+			}
 		}
-		return c
+		return len(levels), 0
 	}
-	baseCost := cheapest(rp.options(targets))
+	better := func(l1 int, c1 float64, l2 int, c2 float64) bool { return l1 < l2 || l1 == l2 && c1 < c2 }
+	baseL, baseC := score(rp)
 	for _, hole := range rp.holes() {
-		inserts := map[int]int{}
-		cur := baseCost
+		pool := rp.donors(hole, idlePool)
+		inserts := map[int]move{}
+		slots := 0
+		curL, curC := baseL, baseC
 		for range maxDonors {
-			bestCost, bestDonor := cur, -1
-			var bestOpts []option
+			bestL, bestC, bestDonor := curL, curC, -1
+			var bestSlot move
+			var bestV *repairPipe
 			for _, d := range pool {
 				if _, used := inserts[d]; used {
 					continue
 				}
-				inserts[d] = hole
-				v := newRepairPipe(rp.f, rp.old, nodes, rp.pipe, inserts)
-				delete(inserts, d)
-				if v == nil {
-					continue
-				}
-				opts := v.options(targets)
-				if c := cheapest(opts); c < bestCost {
-					bestCost, bestDonor, bestOpts = c, d, opts
+				// Beside a node already moved in, or after them.
+				for k := 0; k <= slots; k++ {
+					inserts[d] = move{hole: hole, k: k}
+					v := newRepairPipe(rp.f, rp.old, nodes, rp.pipe, inserts)
+					delete(inserts, d)
+					if v == nil {
+						continue
+					}
+					if l, c := score(v); better(l, c, bestL, bestC) {
+						bestL, bestC, bestDonor, bestSlot, bestV = l, c, d, move{hole: hole, k: k}, v
+					}
 				}
 			}
 			if bestDonor < 0 {
 				break
 			}
-			inserts[bestDonor] = hole
-			cur = bestCost
-			out = append(out, bestOpts...)
+			inserts[bestDonor] = bestSlot
+			slots = max(slots, bestSlot.k+1)
+			curL, curC = bestL, bestC
+			out = append(out, bestV)
 		}
 	}
 	return out
 }
 
+// reinforce makes every block of rp carry target again, for pipelines that
+// lost many nodes (too many holes and thinned blocks for a greedy search):
+// each hole gets blocks of nodes side by side whose capacity reaches target
+// over the hole's width (in pieces the nodes can hold), and each block that
+// fell below target gets nodes beside it. Nodes come from the idle ones
+// first, then from blocks that keep target without them. It returns nil
+// when nothing could be done.
+func reinforce(rp *repairPipe, nodes []int, idle map[int][]int, target float64) *repairPipe {
+	f := rp.f
+	L := f.problem.Model.Layers
+	regions := map[int]bool{}
+	for _, i := range nodes {
+		regions[f.region[i]] = true
+	}
+	var pool []int
+	for r := range regions {
+		pool = append(pool, idle[r]...)
+	}
+	slices.Sort(pool)
+	// Spare members: a block gives its weakest members while it keeps target.
+	left := make([]float64, len(rp.blocks))
+	for j, b := range rp.blocks {
+		l := b.end - b.first
+		if l >= len(b.cap) {
+			continue
+		}
+		left[j] = b.cap[l]
+		members := slices.Clone(b.nodes)
+		slices.SortStableFunc(members, func(a, c int) int { return cmp.Compare(f.Capacity(a, l), f.Capacity(c, l)) })
+		for _, i := range members[:len(members)-1] {
+			if left[j]-f.Capacity(i, l) >= target {
+				left[j] -= f.Capacity(i, l)
+				pool = append(pool, i)
+			}
+		}
+	}
+	used := map[int]bool{}
+	moves := map[int]move{}
+	// fill picks free nodes side by side holding `width` layers until they
+	// carry need; false when the pool runs short.
+	fill := func(width int, need float64, mv move) bool {
+		cands := slices.DeleteFunc(slices.Clone(pool), func(i int) bool { return used[i] || f.Capacity(i, width) <= 0 })
+		slices.SortStableFunc(cands, func(a, c int) int { return cmp.Compare(f.Capacity(c, width), f.Capacity(a, width)) })
+		got := 0.0
+		var picked []int
+		for _, i := range cands {
+			if got >= need {
+				break
+			}
+			got += f.Capacity(i, width)
+			picked = append(picked, i)
+		}
+		if got < need {
+			return false
+		}
+		for _, i := range picked {
+			used[i] = true
+			moves[i] = mv
+		}
+		return true
+	}
+	for _, h := range rp.holes() {
+		next := L
+		for _, b := range rp.blocks {
+			if b.first > h {
+				next = min(next, b.first)
+			}
+		}
+		for k, at := 0, h; at < next; k++ {
+			width := next - at
+			for ; width > 0; width-- {
+				if fill(width, target, move{hole: h, k: k}) {
+					break
+				}
+			}
+			if width == 0 {
+				break // the programme closes what is left, or finds no layout
+			}
+			at += width
+		}
+	}
+	for _, b := range rp.blocks {
+		l := b.end - b.first
+		if l < len(b.cap) && l > 0 && b.cap[l] < target {
+			fill(l, target-b.cap[l], move{join: true, first: b.first, end: b.end})
+		}
+	}
+	if len(moves) == 0 {
+		return nil
+	}
+	return newRepairPipe(f, rp.old, nodes, rp.pipe, moves)
+}
+
+// move sends a node elsewhere in a repaired pipeline: into a hole, as part
+// of the k-th block after the boundary where the hole starts (nodes of one
+// hole and k stand side by side), or (join) beside the block holding
+// [first, end).
+type move struct {
+	hole, k    int
+	join       bool
+	first, end int
+}
+
+// maxPool bounds the donors tried for one hole.
+const maxPool = 24
+
+// donors lists the nodes worth trying as donors for the hole at boundary h:
+// idle nodes first, then members of blocks that keep others (no new hole),
+// then the nodes nearest the hole.
+func (rp *repairPipe) donors(h int, idle []int) []int {
+	type cand struct{ node, width, dist int }
+	var cands []cand
+	for _, b := range rp.blocks {
+		d := min(abs(b.first-h), abs(b.end-h))
+		for _, i := range b.nodes {
+			cands = append(cands, cand{i, len(b.nodes), d})
+		}
+	}
+	slices.SortStableFunc(cands, func(a, b cand) int {
+		if (a.width > 1) != (b.width > 1) {
+			if a.width > 1 {
+				return -1
+			}
+			return 1
+		}
+		return a.dist - b.dist
+	})
+	out := slices.Clone(idle[:min(len(idle), maxPool)])
+	for _, c := range cands {
+		if len(out) >= maxPool {
+			break
+		}
+		out = append(out, c.node)
+	}
+	return out
+}
+
+func abs(x int) int {
+	if x < 0 {
+		return -x
+	}
+	return x
+}
+
 // idleByRegion lists, per region, the eligible nodes that held nothing.
-func idleByRegion(f *Fleet, old map[int]span) map[int][]int {
+func idleByRegion(f *Fleet, old holdings) map[int][]int {
 	out := map[int][]int{}
 	for _, i := range f.eligible() {
-		if _, ok := old[i]; !ok {
+		if !old.holds(i) {
 			out[f.region[i]] = append(out[f.region[i]], i)
 		}
 	}
@@ -479,7 +746,7 @@ func idleByRegion(f *Fleet, old map[int]span) map[int][]int {
 // repairPipe is one pipeline of the previous plan, ready for the programme.
 type repairPipe struct {
 	f      *Fleet
-	old    map[int]span
+	old    holdings
 	pipe   int
 	blocks []rblock
 	// link[j][d] is the throughput the links from block j to block j+d carry.
@@ -489,25 +756,40 @@ type repairPipe struct {
 }
 
 // newRepairPipe builds the blocks of one pipeline from its surviving nodes.
-// inserts moves nodes (of the pipeline or idle) into holes: each becomes a
-// block of its own at the hole's boundary.
-func newRepairPipe(f *Fleet, old map[int]span, nodes []int, pipe int, inserts map[int]int) *repairPipe {
+// moves sends nodes (of the pipeline or idle) into holes or beside blocks.
+func newRepairPipe(f *Fleet, old holdings, nodes []int, pipe int, moves map[int]move) *repairPipe {
 	byRange := map[[2]int][]int{}
 	for _, i := range nodes {
-		if _, moved := inserts[i]; moved {
+		if _, moved := moves[i]; moved {
 			continue
 		}
 		s := old[i]
 		byRange[[2]int{s.first, s.end}] = append(byRange[[2]int{s.first, s.end}], i)
+	}
+	inserts := map[int]move{}
+	for _, i := range slices.Sorted(maps.Keys(moves)) {
+		if mv := moves[i]; mv.join {
+			byRange[[2]int{mv.first, mv.end}] = append(byRange[[2]int{mv.first, mv.end}], i)
+		} else {
+			inserts[i] = mv
+		}
 	}
 	rp := &repairPipe{f: f, old: old, pipe: pipe}
 	for r, members := range byRange {
 		slices.Sort(members)
 		rp.blocks = append(rp.blocks, rblock{first: r[0], end: r[1], nodes: members})
 	}
+	bySlot := map[move][]int{}
 	for _, i := range slices.Sorted(maps.Keys(inserts)) {
-		h := inserts[i]
-		rp.blocks = append(rp.blocks, rblock{first: h, end: h, nodes: []int{i}})
+		bySlot[inserts[i]] = append(bySlot[inserts[i]], i)
+	}
+	for _, sl := range slices.SortedFunc(maps.Keys(bySlot), func(a, b move) int {
+		if a.hole != b.hole {
+			return a.hole - b.hole
+		}
+		return a.k - b.k
+	}) {
+		rp.blocks = append(rp.blocks, rblock{first: sl.hole, end: sl.hole, nodes: bySlot[sl]})
 	}
 	slices.SortStableFunc(rp.blocks, func(a, b rblock) int {
 		if a.first != b.first {
@@ -526,10 +808,27 @@ func newRepairPipe(f *Fleet, old map[int]span, nodes []int, pipe int, inserts ma
 	L := f.problem.Model.Layers
 	for j := range rp.blocks {
 		b := &rp.blocks[j]
-		b.cap = make([]float64, L+1)
+		longest := 0
+		for _, i := range b.nodes {
+			longest = max(longest, f.limit[i])
+		}
+		b.cap = make([]float64, longest+1)
 		for _, i := range b.nodes {
 			for l := 1; l <= f.limit[i]; l++ {
 				b.cap[l] += f.capacity[i][l]
+			}
+		}
+		// fetch[first*(longest+1)+l]: layers the block's nodes fetch to hold [first, first+l).
+		b.fetch = make([]float64, (L+1)*(longest+1))
+		for first := 0; first < L; first++ {
+			for l := 1; l <= longest && first+l <= L; l++ {
+				c := 0
+				for _, i := range b.nodes {
+					if l <= f.limit[i] && f.capacity[i][l] > 0 {
+						c += fetch(old, i, first, first+l)
+					}
+				}
+				b.fetch[first*(longest+1)+l] = float64(c)
 			}
 		}
 	}
@@ -618,13 +917,8 @@ func (rp *repairPipe) layout(target float64) (ranges [][2]int, cost float64, ok 
 
 // blockCost is the layers block j's nodes fetch to hold [first, first+l).
 func (rp *repairPipe) blockCost(j, first, l int) float64 {
-	c := 0
-	for _, i := range rp.blocks[j].nodes {
-		if l <= rp.f.limit[i] && rp.f.capacity[i][l] > 0 {
-			c += fetch(rp.old, i, first, first+l)
-		}
-	}
-	return float64(c)
+	b := &rp.blocks[j]
+	return b.fetch[first*len(b.cap)+l]
 }
 
 // maxTarget is the highest target (≤ hi) the pipeline can be laid out for.
