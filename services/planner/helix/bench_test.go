@@ -27,6 +27,23 @@ var benchModels = []struct{ short, name string }{
 	{"30b", "llama1_30b"},
 }
 
+// planCases are the fleets and models BenchmarkPlan plans: both published
+// 24-GPU fleets with both models, and the one-type sub-clusters on which
+// Helix planned LLaMA-1-30B.
+func planCases() []struct{ fleet, file, model, short string } {
+	var out []struct{ fleet, file, model, short string }
+	for _, fl := range benchFleets {
+		for _, m := range benchModels {
+			out = append(out, struct{ fleet, file, model, short string }{fl.name, fl.file, m.name, m.short})
+		}
+	}
+	for _, typ := range []string{"a100", "l4", "t4"} {
+		out = append(out, struct{ fleet, file, model, short string }{
+			"single_" + typ, "artifact_evaluation/single_cluster/config/" + typ + ".ini", "llama1_30b", "30b"})
+	}
+	return out
+}
+
 func record(b *testing.B, figures map[string]float64) {
 	b.Helper()
 	if err := benchfig.Record(figures); err != nil {
@@ -38,37 +55,35 @@ func record(b *testing.B, figures map[string]float64) {
 // records the max flow (strict hand-offs; partial inference too) and the
 // plan time.
 func BenchmarkPlan(b *testing.B) {
-	for _, fl := range benchFleets {
-		for _, m := range benchModels {
-			p := problem(b, fl.file, m.name)
-			for _, s := range placement.Strategies() {
-				b.Run(fmt.Sprintf("%s/%s/%s", fl.name, m.short, s.Name()), func(b *testing.B) {
-					var pl *placement.Placement
-					var err error
-					for b.Loop() {
-						if pl, err = s.Place(context.Background(), p, nil); err != nil {
-							b.Fatal(err)
-						}
-					}
-					ms := float64(b.Elapsed().Microseconds()) / 1000 / float64(b.N)
-					partial, err := placement.Evaluate(p, pl.Assignments, placement.Partial)
-					if err != nil {
+	for _, c := range planCases() {
+		p := problem(b, c.file, c.model)
+		for _, s := range placement.Strategies() {
+			b.Run(fmt.Sprintf("%s/%s/%s", c.fleet, c.short, s.Name()), func(b *testing.B) {
+				var pl *placement.Placement
+				var err error
+				for b.Loop() {
+					if pl, err = s.Place(context.Background(), p, nil); err != nil {
 						b.Fatal(err)
 					}
-					b.ReportMetric(pl.TokensPerS, "tok/s")
-					b.ReportMetric(partial.TokensPerS, "partial-tok/s")
-					b.ReportMetric(ms, "ms/plan")
-					prefix := fmt.Sprintf("planner_%s_%s_", fl.name, m.short)
-					if s.Name() != placement.TesseraName {
-						prefix += s.Name() + "_"
-					}
-					record(b, map[string]float64{
-						prefix + "max_flow_tok_s":         pl.TokensPerS,
-						prefix + "partial_max_flow_tok_s": partial.TokensPerS,
-						prefix + "plan_ms":                ms,
-					})
+				}
+				ms := float64(b.Elapsed().Microseconds()) / 1000 / float64(b.N)
+				partial, err := placement.Evaluate(p, pl.Assignments, placement.Partial)
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.ReportMetric(pl.TokensPerS, "tok/s")
+				b.ReportMetric(partial.TokensPerS, "partial-tok/s")
+				b.ReportMetric(ms, "ms/plan")
+				prefix := fmt.Sprintf("planner_%s_%s_", c.fleet, c.short)
+				if s.Name() != placement.TesseraName {
+					prefix += s.Name() + "_"
+				}
+				record(b, map[string]float64{
+					prefix + "max_flow_tok_s":         pl.TokensPerS,
+					prefix + "partial_max_flow_tok_s": partial.TokensPerS,
+					prefix + "plan_ms":                ms,
 				})
-			}
+			})
 		}
 	}
 }

@@ -195,6 +195,25 @@ func (ch *chain) solve(f *Fleet, nw *network) float64 {
 		}
 	}
 	hi = hi/float64(L) + 1
+	// Tokens enter from the coordinator in the first region and leave in
+	// the last: their links bound the chain.
+	tok := float64(f.problem.Model.TokenBytes)
+	entry, exit := 0.0, 0.0
+	for _, c := range ch.classes[0] {
+		for _, i := range c.nodes {
+			entry += perUnit(f.srcBW[i], tok)
+		}
+	}
+	for _, c := range ch.classes[len(ch.classes)-1] {
+		for _, i := range c.nodes {
+			exit += perUnit(f.sinkBW[i], tok)
+		}
+	}
+	hi = min(hi, entry, exit)
+	if hi <= 0 {
+		ch.target, ch.layers = 0, 0
+		return 0
+	}
 	lo := hi * 1e-9
 	if ch.cover(nw, lo) < L {
 		ch.target, ch.layers = 0, 0

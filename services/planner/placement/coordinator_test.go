@@ -1,0 +1,34 @@
+package placement_test
+
+import (
+	"context"
+	"testing"
+
+	"github.com/tessera-grid/tessera/services/planner/placement"
+)
+
+// TestCoordinatorReach plans a fleet whose coordinator links to one region
+// only: the other region cannot start or end a pipeline, so the plan must
+// begin and end every pipeline in the linked region.
+func TestCoordinatorReach(t *testing.T) {
+	p := mixedFleet(24, [][]int{{2, 3, 4}, {1, 6, 2}}, 4)
+	p.Network.CoordinatorRegion = "hq"
+	p.Network.RegionLinks = append(p.Network.RegionLinks, placement.Link{From: "hq", To: "r0", BandwidthBytesPerS: 1e9})
+	pl, err := placement.Tessera{}.Place(context.Background(), p, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkPlan(t, p, pl, true)
+	if pl.TokensPerS <= 0 {
+		t.Fatal("no flow")
+	}
+	region := map[string]string{}
+	for _, n := range p.Nodes {
+		region[n.ID] = n.Region
+	}
+	for _, a := range pl.Assignments {
+		if (a.First == 0 || a.End == p.Model.Layers) && region[a.Node] != "r0" {
+			t.Errorf("node %s of %s holds an end layer [%d,%d) without a coordinator link", a.Node, region[a.Node], a.First, a.End)
+		}
+	}
+}
