@@ -66,11 +66,21 @@ func (f *iniFile) get(section, key string) (string, error) {
 	return v, nil
 }
 
-// unitFactors converts Helix unit names to bytes, bytes/s or seconds.
-var unitFactors = map[string]float64{
-	"kbps": 1e3, "mbps": 1e6, "gbps": 1e9,
-	"Byte": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9,
-	"Sec": 1, "MilliSec": 1e-3,
+// unitFactor converts a Helix unit name to bytes, bytes/s or seconds.
+func unitFactor(unit string) (float64, bool) {
+	switch unit {
+	case "Byte", "Sec":
+		return 1, true
+	case "kbps", "KB":
+		return 1e3, true
+	case "mbps", "MB":
+		return 1e6, true
+	case "gbps", "GB":
+		return 1e9, true
+	case "MilliSec":
+		return 1e-3, true
+	}
+	return 0, false
 }
 
 // parseQuantity reads "<number> * <unit>" or a bare number.
@@ -83,7 +93,7 @@ func parseQuantity(s string) (float64, error) {
 	if !hasUnit {
 		return v, nil
 	}
-	f, ok := unitFactors[strings.TrimSpace(unit)]
+	f, ok := unitFactor(strings.TrimSpace(unit))
 	if !ok {
 		return 0, fmt.Errorf("%w: unit in %q", ErrSyntax, s)
 	}

@@ -57,22 +57,20 @@ type paramsFile struct {
 	Models  map[string]json.RawMessage `json:"models"`
 }
 
-// kvBytesPerTokenLayer is each model's KV cache per token per layer (K and V,
+// kvBytesPerTokenLayer is a model's KV cache per token per layer (K and V,
 // fp16): LLaMA-2-70B has 8 KV heads of 128, LLaMA-1-30B 52 heads of 128.
-var kvBytesPerTokenLayer = map[string]int64{
-	"llama2_70b": 2 * 8 * 128 * 2,
-	"llama1_30b": 2 * 6656 * 2,
+func kvBytesPerTokenLayer(model string) int64 {
+	switch model {
+	case "llama2_70b":
+		return 2 * 8 * 128 * 2
+	case "llama1_30b":
+		return 2 * 6656 * 2
+	}
+	return 0
 }
 
 // Models lists the models with embedded data.
-func Models() []string {
-	names := make([]string, 0, len(kvBytesPerTokenLayer))
-	for n := range kvBytesPerTokenLayer {
-		names = append(names, n)
-	}
-	slices.Sort(names)
-	return names
-}
+func Models() []string { return []string{"llama1_30b", "llama2_70b"} }
 
 // LoadModel returns the embedded constants and timing tables of a model
 // ("llama2_70b" or "llama1_30b").
@@ -133,12 +131,14 @@ func License() string {
 	return string(b)
 }
 
-// typeOrder is the order in which Helix lists machine types; sums over a
-// machine mix run in this order.
-var typeOrder = []string{"A100", "V100", "L4", "L4x2", "T4", "T4x2", "T4x4"}
+// typeRank is a machine type's place in the order Helix lists them (-1:
+// unknown); sums over a machine mix run in this order.
+func typeRank(t string) int {
+	return slices.Index([]string{"A100", "V100", "L4", "L4x2", "T4", "T4x2", "T4x4"}, t)
+}
 
 func compareTypes(a, b string) int {
-	ia, ib := slices.Index(typeOrder, a), slices.Index(typeOrder, b)
+	ia, ib := typeRank(a), typeRank(b)
 	switch {
 	case ia >= 0 && ib >= 0:
 		return ia - ib

@@ -79,7 +79,7 @@ func ModelSpec(m *Model) placement.Model {
 		Name:                    m.Name,
 		Layers:                  m.Layers,
 		LayerBytes:              int64(m.LayerBytes),
-		KVBytesPerTokenLayer:    kvBytesPerTokenLayer[m.Name],
+		KVBytesPerTokenLayer:    kvBytesPerTokenLayer(m.Name),
 		ActivationBytesPerToken: m.ActivationBytes,
 		TokenBytes:              m.TokenBytes,
 	}

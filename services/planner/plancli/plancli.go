@@ -5,7 +5,6 @@ package plancli
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -15,9 +14,6 @@ import (
 	"github.com/tessera-grid/tessera/services/planner/helix"
 	"github.com/tessera-grid/tessera/services/planner/placement"
 )
-
-// ErrUsage reports bad command-line arguments.
-var ErrUsage = errors.New("usage")
 
 // Result is the JSON object PlanCommand prints on its last line.
 type Result struct {
