@@ -17,6 +17,7 @@ type chain struct {
 	target float64
 	layers int
 	needs  []edgeNeed
+	f      *Fleet
 }
 
 // network is the planning view of the links: tokens/s per node pair between
@@ -99,7 +100,7 @@ func crossings(pairTok, target float64, nOut, nIn int) []crossing {
 }
 
 func newChain(f *Fleet, regions []int, byRegion map[int][]*class) *chain {
-	ch := &chain{regions: regions, fits: make([]regionFit, len(regions))}
+	ch := &chain{regions: regions, fits: make([]regionFit, len(regions)), f: f}
 	for _, r := range regions {
 		ch.classes = append(ch.classes, byRegion[r])
 	}
@@ -123,7 +124,8 @@ func (ch *chain) cover(nw *network, target float64) int {
 	if n == 1 {
 		ch.fits[0].fit(edgeNeed{})
 		ch.needs = []edgeNeed{{}}
-		return ch.fits[0].layers
+		mixed, _ := mixedCover(ch.f, ch.fits[0].leftovers(), target)
+		return ch.fits[0].layers + mixed
 	}
 	// opts[j] are the crossings between region j and j+1.
 	opts := make([][]crossing, n-1)
@@ -257,7 +259,12 @@ func (ch *chain) blocks(f *Fleet) (blocks []block, idle []int) {
 		}
 		at += n
 	}
-	idle = staff(f, blocks)
+	staff(f, blocks)
+	if len(ch.regions) == 1 {
+		_, mixed := mixedCover(f, ch.fits[0].leftovers(), ch.target)
+		blocks = append(blocks, mixed...)
+		edge = append(edge, make([]bool, len(mixed))...)
+	}
 	kept := trim(blocks, f.problem.Model.Layers, func(bi int) bool { return edge[bi] })
 	inUse := map[int]bool{}
 	for _, b := range kept {
@@ -265,25 +272,26 @@ func (ch *chain) blocks(f *Fleet) (blocks []block, idle []int) {
 			inUse[i] = true
 		}
 	}
-	for _, b := range blocks {
-		for _, i := range b.nodes {
-			if !inUse[i] {
-				idle = append(idle, i)
+	for _, cs := range ch.classes {
+		for _, c := range cs {
+			for _, i := range c.nodes {
+				if !inUse[i] {
+					idle = append(idle, i)
+				}
 			}
 		}
 	}
 	return kept, idle
 }
 
-// staff picks the nodes of every block and returns the class members left
-// over. At a region crossing it picks the exit block's nodes with the best
+// staff picks the nodes of every class block. At a region crossing it picks the exit block's nodes with the best
 // links towards the next region's entry class, then the entry block's nodes
 // with the best links from those; other blocks take members in order.
-func staff(f *Fleet, blocks []block) (idle []int) {
+func staff(f *Fleet, blocks []block) {
 	free := map[*class][]int{}
 	for bi := range blocks {
 		c := blocks[bi].c
-		if _, ok := free[c]; !ok {
+		if _, ok := free[c]; !ok && c != nil {
 			free[c] = slices.Clone(c.nodes)
 		}
 	}
@@ -309,7 +317,7 @@ func staff(f *Fleet, blocks []block) (idle []int) {
 	}
 	for bi := 0; bi+1 < len(blocks); bi++ {
 		a, b := &blocks[bi], &blocks[bi+1]
-		if a.c.region == b.c.region {
+		if a.region == b.region || a.c == nil || b.c == nil {
 			continue
 		}
 		if a.nodes == nil {
@@ -325,10 +333,6 @@ func staff(f *Fleet, blocks []block) (idle []int) {
 			blocks[bi].nodes = take(blocks[bi].c, blocks[bi].m, nil)
 		}
 	}
-	for _, c := range slices.SortedFunc(mapsKeys(free), func(a, b *class) int { return a.nodes[0] - b.nodes[0] }) {
-		idle = append(idle, free[c]...)
-	}
-	return idle
 }
 
 // trim cuts the blocks down to exactly `layers` layers in all. Each block
@@ -341,7 +345,7 @@ func trim(blocks []block, layers int, mandatory func(bi int) bool) []block {
 	for bi := range blocks {
 		b := &blocks[bi]
 		for l := 1; l <= b.layers; l++ {
-			cands = append(cands, float64(b.m)*b.c.cap[l]+b.extra)
+			cands = append(cands, b.capAt(l))
 		}
 	}
 	slices.Sort(cands)
@@ -364,7 +368,7 @@ func trim(blocks []block, layers int, mandatory func(bi int) bool) []block {
 					cur[s], choose[bi][s] = true, 0
 				}
 				for l := min(b.layers, s); l >= 1; l-- {
-					if next[s-l] && float64(b.m)*b.c.cap[l]+b.extra >= t {
+					if next[s-l] && b.capAt(l) >= t {
 						cur[s], choose[bi][s] = true, int16(l)
 						break
 					}

@@ -2,6 +2,7 @@ package placement
 
 import (
 	"cmp"
+	"maps"
 	"math"
 	"slices"
 )
@@ -151,23 +152,35 @@ func (pl *plan) blocks(j int, out []block) []block {
 			j--
 			continue
 		}
-		out = append(out, block{c: pl.c, m: m, layers: pl.lam[m]})
+		out = append(out, block{c: pl.c, m: m, layers: pl.lam[m], region: pl.c.region})
 		j -= m
 	}
 	return out
 }
 
-// block is m nodes of one class, side by side, each holding `layers` layers.
+// block is m nodes of one class, side by side, each holding `layers` layers;
+// or, when mixed is set, the given nodes of any classes of one region.
 type block struct {
 	c      *class
 	m      int
 	layers int
 	nodes  []int
-	// extra is the capacity of nodes added beside the class members.
+	region int
+	// mixed[l] is a mixed block's capacity with l layers.
+	mixed []float64
+	// extra is the capacity of nodes added beside the members.
 	extra float64
 }
 
-func (b *block) capacity() float64 { return float64(b.m)*b.c.cap[b.layers] + b.extra }
+// capAt is the block's capacity if it held l layers.
+func (b *block) capAt(l int) float64 {
+	if b.mixed != nil {
+		return b.mixed[l] + b.extra
+	}
+	return float64(b.m)*b.c.cap[l] + b.extra
+}
+
+func (b *block) capacity() float64 { return b.capAt(b.layers) }
 
 // edgeNeed asks a region to put a block of at least `in` nodes first (where
 // the pipeline enters it from another region) and of at least `out` nodes
@@ -319,7 +332,7 @@ func (rf *regionFit) blocks() []block {
 	used := make([]int, len(rf.plans))
 	if rf.firstClass >= 0 {
 		pl := &rf.plans[rf.firstClass]
-		first = &block{c: pl.c, m: rf.firstM, layers: pl.lamAt(rf.firstM)}
+		first = &block{c: pl.c, m: rf.firstM, layers: pl.lamAt(rf.firstM), region: pl.c.region}
 		used[rf.firstClass] += rf.firstM
 	}
 	if rf.single {
@@ -327,7 +340,7 @@ func (rf *regionFit) blocks() []block {
 	}
 	if rf.lastClass >= 0 {
 		pl := &rf.plans[rf.lastClass]
-		last = &block{c: pl.c, m: rf.lastM, layers: pl.lamAt(rf.lastM)}
+		last = &block{c: pl.c, m: rf.lastM, layers: pl.lamAt(rf.lastM), region: pl.c.region}
 		used[rf.lastClass] += rf.lastM
 	}
 	var out []block
@@ -349,4 +362,110 @@ func (rf *regionFit) blocks() []block {
 		out = append(out, *last)
 	}
 	return out
+}
+
+// mixedCover covers layers at target with blocks of nodes of any class,
+// for the nodes the class knapsacks leave idle (classes too small or too
+// slow to fill a block alone, common on fleets of many machine types). Each
+// node takes the layer count that serves the most layer-tokens at target
+// (λ·min(c(λ), target)); a node that reaches target alone is a block; the
+// others are grouped by layer count, and each group is cut into blocks whose
+// capacities add up to target, largest node first, each block closed by the
+// smallest node that completes it.
+func mixedCover(f *Fleet, nodes []int, target float64) (int, []block) {
+	byLayers := map[int][]int{}
+	var blocks []block
+	layers := 0
+	for _, i := range nodes {
+		best, bestV := 0, 0.0
+		for l := 1; l <= f.limit[i]; l++ {
+			if v := float64(l) * min(f.capacity[i][l], target); v > bestV*(1+1e-12) {
+				best, bestV = l, v
+			}
+		}
+		if best == 0 {
+			continue
+		}
+		if f.capacity[i][best] >= target {
+			blocks = append(blocks, mixedBlock(f, []int{i}, best))
+			layers += best
+			continue
+		}
+		byLayers[best] = append(byLayers[best], i)
+	}
+	for _, l := range slices.Sorted(maps.Keys(byLayers)) {
+		items := byLayers[l]
+		slices.SortStableFunc(items, func(a, b int) int { return cmp.Compare(f.capacity[b][l], f.capacity[a][l]) })
+		used := make([]bool, len(items))
+		left := len(items)
+		for left > 0 {
+			var members []int
+			sum := 0.0
+			for sum < target && left > 0 {
+				// The smallest unused node that completes the block, else the largest.
+				pick := -1
+				for k := len(items) - 1; k >= 0; k-- {
+					if !used[k] && sum+f.capacity[items[k]][l] >= target {
+						pick = k
+						break
+					}
+				}
+				if pick < 0 {
+					for k := range items {
+						if !used[k] {
+							pick = k
+							break
+						}
+					}
+				}
+				used[pick] = true
+				left--
+				members = append(members, items[pick])
+				sum += f.capacity[items[pick]][l]
+			}
+			if sum < target {
+				break // the rest cannot fill a block
+			}
+			blocks = append(blocks, mixedBlock(f, members, l))
+			layers += l
+		}
+	}
+	return layers, blocks
+}
+
+// leftovers lists the nodes the knapsack optimum of a region without edge
+// needs leaves idle (class members are taken in order).
+func (rf *regionFit) leftovers() []int {
+	var out []int
+	for ci := range rf.plans {
+		pl := &rf.plans[ci]
+		n := len(pl.c.nodes)
+		used := 0
+		for j := n; j > 0; {
+			m := pl.pick[j]
+			if m == 0 {
+				j--
+				continue
+			}
+			used += m
+			j -= m
+		}
+		out = append(out, pl.c.nodes[used:]...)
+	}
+	return out
+}
+
+// mixedBlock makes a block of the given nodes holding l layers.
+func mixedBlock(f *Fleet, nodes []int, l int) block {
+	longest := 0
+	for _, i := range nodes {
+		longest = max(longest, f.limit[i])
+	}
+	table := make([]float64, longest+1)
+	for k := 1; k <= longest; k++ {
+		for _, i := range nodes {
+			table[k] += f.Capacity(i, k)
+		}
+	}
+	return block{layers: l, nodes: nodes, region: f.region[nodes[0]], mixed: table, m: len(nodes)}
 }

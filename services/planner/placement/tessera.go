@@ -128,7 +128,7 @@ func (nw *network) calibrate(f *Fleet, blocks []block, target float64) bool {
 	changed := false
 	for bi := 0; bi+1 < len(blocks); bi++ {
 		a, b := &blocks[bi], &blocks[bi+1]
-		ra, rb := a.c.region, b.c.region
+		ra, rb := a.region, b.region
 		if ra == rb {
 			continue
 		}
@@ -160,7 +160,7 @@ func fill(f *Fleet, blocks []block, idle []int) {
 		best := -1
 		for bi := range blocks {
 			b := &blocks[bi]
-			if b.c.region != f.region[i] || b.layers > f.limit[i] || f.capacity[i][b.layers] <= 0 {
+			if b.region != f.region[i] || b.layers > f.limit[i] || f.capacity[i][b.layers] <= 0 {
 				continue
 			}
 			if best < 0 || b.capacity() < blocks[best].capacity() {
