@@ -32,3 +32,28 @@ func TestCoordinatorReach(t *testing.T) {
 		}
 	}
 }
+
+// TestManySmallRegions plans twelve regions of three nodes, none of which
+// can hold the model alone: they must pool into pipelines across regions.
+func TestManySmallRegions(t *testing.T) {
+	var counts [][]int
+	for r := range 12 {
+		counts = append(counts, []int{r % 2, 1, 2 - r%2})
+	}
+	p := mixedFleet(48, counts, 9)
+	pl, err := placement.Tessera{}.Place(context.Background(), p, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkPlan(t, p, pl, true)
+	if pl.TokensPerS <= 0 {
+		t.Fatal("no flow")
+	}
+	exo, err := placement.Exo{}.Place(context.Background(), p, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pl.TokensPerS < exo.TokensPerS {
+		t.Fatalf("tessera %.1f < exo %.1f", pl.TokensPerS, exo.TokensPerS)
+	}
+}

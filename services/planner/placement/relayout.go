@@ -1,6 +1,7 @@
 package placement
 
 import (
+	"maps"
 	"slices"
 )
 
@@ -28,20 +29,10 @@ func relayout(f *Fleet, spans []span, old holdings) []span {
 		byPipe[s.pipe] = append(byPipe[s.pipe], s)
 	}
 	var out []span
-	for _, pipe := range slices.Sorted(mapsKeys(byPipe)) {
+	for _, pipe := range slices.Sorted(maps.Keys(byPipe)) {
 		out = append(out, relayoutPipe(f, byPipe[pipe], old, classOf, idle)...)
 	}
 	return out
-}
-
-func mapsKeys[K comparable, V any](m map[K]V) func(func(K) bool) {
-	return func(yield func(K) bool) {
-		for k := range m {
-			if !yield(k) {
-				return
-			}
-		}
-	}
 }
 
 // lblock is a block of a fresh plan: a range and its members' classes.
