@@ -14,14 +14,7 @@ func TestCoordinatorReach(t *testing.T) {
 	p := mixedFleet(24, [][]int{{2, 3, 4}, {1, 6, 2}}, 4)
 	p.Network.CoordinatorRegion = "hq"
 	p.Network.RegionLinks = append(p.Network.RegionLinks, placement.Link{From: "hq", To: "r0", BandwidthBytesPerS: 1e9})
-	pl, err := placement.Tessera{}.Place(context.Background(), p, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	checkPlan(t, p, pl, true)
-	if pl.TokensPerS <= 0 {
-		t.Fatal("no flow")
-	}
+	pl := flowingPlan(t, p)
 	region := map[string]string{}
 	for _, n := range p.Nodes {
 		region[n.ID] = n.Region
@@ -41,6 +34,19 @@ func TestManySmallRegions(t *testing.T) {
 		counts = append(counts, []int{r % 2, 1, 2 - r%2})
 	}
 	p := mixedFleet(48, counts, 9)
+	pl := flowingPlan(t, p)
+	exo, err := placement.Exo{}.Place(context.Background(), p, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pl.TokensPerS < exo.TokensPerS {
+		t.Fatalf("tessera %.1f < exo %.1f", pl.TokensPerS, exo.TokensPerS)
+	}
+}
+
+// flowingPlan plans p with tessera and checks the plan is valid and carries tokens.
+func flowingPlan(t *testing.T, p *placement.Problem) *placement.Placement {
+	t.Helper()
 	pl, err := placement.Tessera{}.Place(context.Background(), p, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -49,11 +55,5 @@ func TestManySmallRegions(t *testing.T) {
 	if pl.TokensPerS <= 0 {
 		t.Fatal("no flow")
 	}
-	exo, err := placement.Exo{}.Place(context.Background(), p, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if pl.TokensPerS < exo.TokensPerS {
-		t.Fatalf("tessera %.1f < exo %.1f", pl.TokensPerS, exo.TokensPerS)
-	}
+	return pl
 }
