@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/tessera-grid/tessera/services/planner/placement"
 )
@@ -138,5 +139,34 @@ func TestBuildStages(t *testing.T) {
 		return a.First == b.First && a.End == b.End && slices.Equal(a.Replicas, b.Replicas)
 	}) {
 		t.Fatalf("stages = %+v", got)
+	}
+}
+
+func TestWire(t *testing.T) {
+	p := fleets()["three regions"]
+	pl, err := placement.Tessera{}.Place(context.Background(), p, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := pl.Wire(time.Unix(100, 0), "test")
+	if w.Layers != p.Model.Layers || w.Version != pl.Version || w.ThroughputTokS != pl.TokensPerS || len(w.Stages) != len(pl.Stages) {
+		t.Fatalf("wire plan %+v", w)
+	}
+	embed, head := 0, 0
+	for _, a := range w.Assignments {
+		if a.Embed {
+			embed++
+		}
+		if a.Head {
+			head++
+		}
+	}
+	if embed == 0 || head == 0 {
+		t.Fatalf("no node holds the embedding (%d) or the head (%d)", embed, head)
+	}
+	for k, st := range w.Stages {
+		if st.First != pl.Stages[k].First || len(st.Replicas) != len(pl.Stages[k].Replicas) {
+			t.Fatalf("stage %d: %+v vs %+v", k, st, pl.Stages[k])
+		}
 	}
 }
