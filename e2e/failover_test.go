@@ -16,7 +16,7 @@ import (
 // a new route, rebuilds the KV caches by re-running the prefix, and the
 // output equals the run without the failure.
 func TestKillExecutorMidGeneration(t *testing.T) {
-	g, base := startGrid(t, 3)
+	g, base := startPipeline(t, 3)
 	body := `{"model":"stories260k","prompt":"Once upon a time","max_tokens":60,"temperature":0,"stream":true}`
 	resp, err := http.Post(base+"/v1/completions", "application/json", strings.NewReader(body))
 	if err != nil {

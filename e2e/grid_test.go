@@ -53,6 +53,19 @@ func startGrid(t *testing.T, n int) (*local.Grid, string) {
 	return startGridWith(t, o)
 }
 
+// startPipeline is startGrid with the exo strategy: one pipeline over all
+// n executors, each holding different layers (the default strategy would
+// give a model this small a full replica on every node).
+func startPipeline(t *testing.T, n int) (*local.Grid, string) {
+	t.Helper()
+	o := testOptions(t)
+	o.Executors = n
+	o.Router.HTTPAddr = "127.0.0.1:0"
+	o.Router.AnonymousCustomer = "tester"
+	o.Planner.Strategy = "exo"
+	return startGridWith(t, o)
+}
+
 // startGridWith runs a local grid with options o (see startGrid).
 func startGridWith(t *testing.T, o local.Options) (*local.Grid, string) {
 	t.Helper()
@@ -139,7 +152,7 @@ func post(t *testing.T, url, body string, hdr ...string) (int, []byte) {
 // The reference prompt through three executors, each holding different
 // layers, gives llama2.c's greedy output token for token.
 func TestThreeExecutorsMatchReference(t *testing.T) {
-	g, base := startGrid(t, 3)
+	g, base := startPipeline(t, 3)
 	plan := waitPlanLoaded(t, g, 3)
 	seen := map[string]bool{}
 	for _, a := range plan.Assignments {

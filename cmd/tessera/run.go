@@ -81,6 +81,12 @@ func runGrid(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if !rc.RequireKeys && o.Router.AnonymousCustomer == "" {
 		o.Router.AnonymousCustomer = rc.DemoCustomer
 	}
+	if os.Getenv(planner.EnvPrefix+"STRATEGY") == "" {
+		// The executors of a one-machine grid share its cores: replicas add
+		// no compute here, and one pipeline over all of them shows the grid
+		// at work. Set TESSERA_PLANNER_STRATEGY=tessera to plan for throughput.
+		o.Planner.Strategy = "exo"
+	}
 	if o.Executor.Threads == 0 && rc.Executors > 1 {
 		// Executors share this machine's cores.
 		o.Executor.Threads = 1

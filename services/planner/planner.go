@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"slices"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -20,6 +21,7 @@ import (
 	"github.com/tessera-grid/tessera/pkg/bus"
 	"github.com/tessera-grid/tessera/pkg/subjects"
 	"github.com/tessera-grid/tessera/pkg/wire"
+	"github.com/tessera-grid/tessera/services/planner/placement"
 )
 
 // EnvPrefix is the prefix of the planner's environment variables.
@@ -30,6 +32,20 @@ type Config struct {
 	// Settle is how long the node set must stay unchanged before a re-plan,
 	// so that a burst of joins yields one plan.
 	Settle time.Duration `env:"SETTLE, default=1s"`
+	// Strategy places fragments: tessera (throughput-maximising pipelines
+	// with replicas, incremental on churn), petals, or exo (one pipeline
+	// split in proportion to memory).
+	Strategy string `env:"STRATEGY, default=tessera"`
+	// RegionBandwidth is the assumed bandwidth between two regions, bytes/s.
+	RegionBandwidth float64 `env:"REGION_BANDWIDTH, default=125000000"`
+	// RegionLatency is the assumed one-way latency between two regions.
+	RegionLatency time.Duration `env:"REGION_LATENCY, default=20ms"`
+	// KVReserveTokens is the KV cache (in tokens, in every layer it holds)
+	// each node must keep room for beside its weights.
+	KVReserveTokens int64 `env:"KV_RESERVE_TOKENS, default=2048"`
+	// DefaultLayerTime is assumed per token and layer for a node that has
+	// not reported a speed for the model.
+	DefaultLayerTime time.Duration `env:"DEFAULT_LAYER_TIME, default=1ms"`
 }
 
 // Deps are what Run needs from its host process.
@@ -40,12 +56,15 @@ type Deps struct {
 
 // Planner is the running service.
 type Planner struct {
-	cfg    Config
-	bus    *bus.Conn
-	log    *slog.Logger
-	nodes  jetstream.KeyValue
-	models jetstream.KeyValue
-	plans  jetstream.KeyValue
+	cfg      Config
+	bus      *bus.Conn
+	log      *slog.Logger
+	strategy placement.Strategy
+	nodes    jetstream.KeyValue
+	models   jetstream.KeyValue
+	plans    jetstream.KeyValue
+	// last is each model's latest placement, the base of incremental re-plans.
+	last map[string]*placement.Placement
 }
 
 // Run serves until ctx ends.
@@ -54,8 +73,11 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if log == nil {
 		log = slog.Default()
 	}
-	p := &Planner{cfg: cfg, bus: deps.Bus, log: log}
-	var err error
+	st, err := placement.StrategyByName(cfg.Strategy)
+	if err != nil {
+		return fmt.Errorf("%sSTRATEGY: %w", EnvPrefix, err)
+	}
+	p := &Planner{cfg: cfg, bus: deps.Bus, log: log, strategy: st, last: map[string]*placement.Placement{}}
 	if p.nodes, err = deps.Bus.JS.KeyValue(ctx, subjects.BucketNodes); err != nil {
 		return err
 	}
@@ -86,6 +108,7 @@ func (p *Planner) run(ctx context.Context) error {
 	var timer <-chan time.Time
 	// Membership signature: re-plan only when what placement depends on changes.
 	last := ""
+	signatureChange := "startup"
 	for {
 		select {
 		case <-ctx.Done():
@@ -108,6 +131,7 @@ func (p *Planner) run(ctx context.Context) error {
 				nodes[e.Key()] = r
 			}
 			if sig := signature(nodes); sig != last {
+				signatureChange = describeChange(last, sig)
 				last = sig
 				dirty = true
 				timer = time.After(p.cfg.Settle)
@@ -129,6 +153,8 @@ func (p *Planner) run(ctx context.Context) error {
 				continue
 			}
 			models[e.Key()] = m
+			delete(p.last, m.ID)
+			signatureChange = "model " + m.ID + " imported"
 			dirty = true
 			timer = time.After(p.cfg.Settle)
 		case <-timer:
@@ -142,7 +168,7 @@ func (p *Planner) run(ctx context.Context) error {
 				continue
 			}
 			for _, m := range models {
-				if err := p.replan(ctx, m, live); err != nil {
+				if err := p.replan(ctx, m, live, signatureChange); err != nil {
 					p.log.Error("plan not published", "model", m.ID, "err", err)
 				}
 			}
@@ -162,27 +188,63 @@ func usable(nodes map[string]wire.NodeRecord) []wire.NodeRecord {
 	return out
 }
 
+// signature sums up what placement depends on: the usable nodes, their
+// memory and whether they have measured their speed.
 func signature(nodes map[string]wire.NodeRecord) string {
 	var ids []string
 	for _, r := range usable(nodes) {
-		ids = append(ids, fmt.Sprintf("%s/%d", r.Heartbeat.Node, r.Heartbeat.MemoryBudget))
+		ids = append(ids, fmt.Sprintf("%s/%d/%d", r.Heartbeat.Node, r.Heartbeat.MemoryBudget, len(r.Heartbeat.Speed)))
 	}
-	return fmt.Sprint(ids)
+	return strings.Join(ids, " ")
 }
 
-// replan computes m's plan over nodes and publishes it when it differs from
-// the current one.
-func (p *Planner) replan(ctx context.Context, m wire.ModelManifest, nodes []wire.NodeRecord) error {
-	plan, err := SplitByMemory(m, nodes)
+// describeChange says which nodes joined and left between two signatures.
+func describeChange(before, after string) string {
+	ids := func(sig string) map[string]bool {
+		out := map[string]bool{}
+		for _, f := range strings.Fields(sig) {
+			id, _, _ := strings.Cut(f, "/")
+			out[id] = true
+		}
+		return out
+	}
+	b, a := ids(before), ids(after)
+	var parts []string
+	for id := range a {
+		if !b[id] {
+			parts = append(parts, id+" joined")
+		}
+	}
+	for id := range b {
+		if !a[id] {
+			parts = append(parts, id+" left")
+		}
+	}
+	sort.Strings(parts)
+	if len(parts) == 0 {
+		return "node capacity changed"
+	}
+	return strings.Join(parts, ", ")
+}
+
+// replan computes m's plan over nodes (incrementally from the last one)
+// and publishes it when the assignments differ from the current plan.
+func (p *Planner) replan(ctx context.Context, m wire.ModelManifest, nodes []wire.NodeRecord, reason string) error {
+	prob := p.Problem(m, nodes)
+	start := time.Now()
+	pl, err := p.strategy.Place(ctx, prob, p.last[m.ID])
 	if err != nil {
 		return err
 	}
+	moved := placement.MovedBytes(prob.Model, p.last[m.ID], pl)
+	plan := pl.Wire(time.Now().UTC(), reason)
 	cur, err := p.plans.Get(ctx, m.ID)
 	var rev uint64
 	if err == nil {
 		rev = cur.Revision()
 		var old wire.Plan
 		if json.Unmarshal(cur.Value(), &old) == nil && slices.EqualFunc(old.Assignments, plan.Assignments, sameAssignment) {
+			p.last[m.ID] = pl
 			return nil
 		}
 	} else if !errors.Is(err, jetstream.ErrKeyNotFound) {
@@ -201,51 +263,75 @@ func (p *Planner) replan(ctx context.Context, m wire.ModelManifest, nodes []wire
 	if err != nil {
 		return fmt.Errorf("publish plan: %w", err)
 	}
-	ev := wire.PlanEvent{Model: m.ID, Version: rev, Reason: plan.Reason, Nodes: len(plan.Assignments), ThroughputTokS: plan.ThroughputTokS, Time: time.Now().UTC()}
+	pl.Version = rev
+	p.last[m.ID] = pl
+	ev := wire.PlanEvent{Model: m.ID, Version: rev, Reason: reason, Nodes: len(plan.Assignments), MovedBytes: moved, ThroughputTokS: plan.ThroughputTokS, Time: time.Now().UTC()}
 	eb, _ := json.Marshal(ev)
 	msg := nats.NewMsg(subjects.PlanEvent(m.ID))
 	msg.Data = eb
 	if _, err := p.bus.JS.PublishMsg(ctx, msg); err != nil {
 		p.log.Warn("plan event not stored", "err", err)
 	}
-	p.log.Info("plan published", "model", m.ID, "version", rev, "nodes", len(plan.Assignments))
+	p.log.Info("plan published", "model", m.ID, "version", rev, "strategy", p.strategy.Name(), "nodes", len(plan.Assignments),
+		"stages", len(plan.Stages), "throughput_tok_s", int(plan.ThroughputTokS), "moved_bytes", moved, "plan_ms", time.Since(start).Milliseconds(), "reason", reason)
 	return nil
+}
+
+// Problem describes placing m on nodes: each node's memory budget, its
+// measured per-layer speed for the model (or the configured default), and
+// links between regions.
+func (p *Planner) Problem(m wire.ModelManifest, nodes []wire.NodeRecord) *placement.Problem {
+	c := m.Config
+	prob := &placement.Problem{
+		Model: placement.Model{
+			Name: m.ID, Layers: c.Layers, LayerBytes: m.LayerWeightBytes,
+			KVBytesPerTokenLayer: m.KVBytesPerToken, KVReserveTokens: min(p.cfg.KVReserveTokens, int64(c.SeqLen)),
+			ActivationBytesPerToken: 4 * int64(c.Dim), TokenBytes: 4, Experts: c.Experts,
+		},
+	}
+	regions := map[string]bool{}
+	def := p.cfg.DefaultLayerTime.Seconds()
+	for _, r := range nodes {
+		hb := r.Heartbeat
+		timing := placement.LayerTiming{PrefillSecondsPerToken: def, DecodeSecondsPerToken: def, PromptShare: 0.5}
+		for _, sp := range hb.Speed {
+			if sp.Model == m.ID && sp.DType == m.DType && sp.DecodeTokS > 0 && sp.PrefillTokS > 0 {
+				timing.PrefillSecondsPerToken, timing.DecodeSecondsPerToken = 1/sp.PrefillTokS, 1/sp.DecodeTokS
+			}
+		}
+		state := placement.StateActive
+		switch r.State {
+		case wire.NodeDraining:
+			state = placement.StateDraining
+		case wire.NodeQuarantined:
+			state = placement.StateQuarantined
+		}
+		device := "cpu"
+		for _, d := range hb.Devices {
+			if d.Error == "" {
+				device = d.Name
+				break
+			}
+		}
+		prob.Nodes = append(prob.Nodes, placement.Node{
+			ID: hb.Node, Device: device, Region: hb.Region, MemoryBytes: int64(hb.MemoryBudget),
+			Throughput: timing, State: state,
+		})
+		regions[hb.Region] = true
+	}
+	var rs []string
+	for r := range regions {
+		rs = append(rs, r)
+	}
+	sort.Strings(rs)
+	for i, a := range rs {
+		for _, b := range rs[i+1:] {
+			prob.Network.RegionLinks = append(prob.Network.RegionLinks, placement.Link{From: a, To: b, BandwidthBytesPerS: p.cfg.RegionBandwidth, Latency: p.cfg.RegionLatency})
+		}
+	}
+	return prob
 }
 
 func sameAssignment(a, b wire.Assignment) bool {
 	return a.Node == b.Node && a.First == b.First && a.End == b.End && a.Embed == b.Embed && a.Head == b.Head && slices.Equal(a.Experts, b.Experts)
-}
-
-// SplitByMemory splits m's layers into as many contiguous stages as there
-// are nodes (at most one per layer), sized in proportion to each node's
-// memory, every node holding at least one layer.
-func SplitByMemory(m wire.ModelManifest, nodes []wire.NodeRecord) (wire.Plan, error) {
-	L := m.Config.Layers
-	if len(nodes) == 0 {
-		return wire.Plan{}, fmt.Errorf("model %s: no usable nodes", m.ID)
-	}
-	if len(nodes) > L {
-		nodes = nodes[:L]
-	}
-	var total float64
-	for _, n := range nodes {
-		total += float64(max(n.Heartbeat.MemoryBudget, 1))
-	}
-	plan := wire.Plan{Model: m.ID, Strategy: "memory-proportional", Layers: L, Created: time.Now().UTC(), Reason: fmt.Sprintf("%d usable nodes", len(nodes))}
-	first := 0
-	var acc float64
-	for i, n := range nodes {
-		acc += float64(max(n.Heartbeat.MemoryBudget, 1))
-		end := int(acc/total*float64(L) + 0.5)
-		// Leave at least one layer for each node after this one.
-		end = min(max(end, first+1), L-(len(nodes)-1-i))
-		if i == len(nodes)-1 {
-			end = L
-		}
-		id := n.Heartbeat.Node
-		plan.Assignments = append(plan.Assignments, wire.Assignment{Node: id, First: first, End: end, Embed: first == 0, Head: end == L})
-		plan.Stages = append(plan.Stages, wire.Stage{First: first, End: end, Replicas: []string{id}})
-		first = end
-	}
-	return plan, nil
 }
