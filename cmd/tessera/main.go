@@ -10,6 +10,8 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/tessera-grid/tessera/services/planner/plancli"
 )
 
 const usage = `tessera: run large models on a grid of GPUs
@@ -47,6 +49,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return runGrid(ctx, args[1:], stdout, stderr)
 	case "model":
 		return modelCmd(ctx, args[1:], stdout, stderr)
+	case "plan":
+		return plancli.PlanCommand(ctx, args[1:], stdout, stderr)
 	case "complete":
 		return completeCmd(ctx, args[1:], stdout, stderr)
 	case "key":
