@@ -54,4 +54,18 @@ type NATS struct {
 	// Replicas is the replica count for streams, buckets and the object
 	// store this service creates (3 on a clustered NATS system).
 	Replicas int `env:"NATS_REPLICAS, default=1"`
+	// InboxPrefix replaces "_INBOX" as the prefix of the client's reply
+	// subjects (request replies, JetStream acks, watchers). On a secured
+	// system each identity may subscribe only under its own prefix, so that
+	// no one reads another client's replies; deploy/ names the prefix of
+	// each role (for example _INBOX_node-1 for executor node-1).
+	InboxPrefix string `env:"NATS_INBOX_PREFIX"`
+	// JSDomain is the JetStream domain of the grid, for clients that reach
+	// it through a leaf node (a supplier site); empty on the grid itself.
+	JSDomain string `env:"NATS_JS_DOMAIN"`
+	// Bootstrap makes the service create or update the grid's streams,
+	// buckets and object store at start. A secured grid sets it to false:
+	// only the administrator's identity may change stream configuration,
+	// and it bootstraps once at deploy time.
+	Bootstrap bool `env:"NATS_BOOTSTRAP, default=true"`
 }

@@ -171,3 +171,13 @@ func Token(s string) error {
 	}
 	return nil
 }
+
+// NodeInbox is the inbox prefix of executor node's NATS client: replies to
+// its requests, JetStream acknowledgements and watcher deliveries arrive
+// under it, and its permissions let it subscribe there and nowhere else. It
+// lies outside "_INBOX.>", where the router may publish streamed chunks.
+func NodeInbox(node string) string { return "_INBOX_node_" + node }
+
+// ServiceInbox is the inbox prefix of a grid service's NATS clients (for
+// example "registry"), private to that service like NodeInbox.
+func ServiceInbox(service string) string { return "_INBOX_svc_" + service }
