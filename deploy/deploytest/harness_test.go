@@ -347,11 +347,11 @@ func (g *grid) natsConfig(t testing.TB, url string, role accounts.Role, name str
 
 // env is the process environment of a service of role and name on url: the
 // lines of the environment file tessera-accounts wrote, with the .creds
-// path where the test keeps it.
-func (g *grid) env(t testing.TB, url string, role accounts.Role, name string) []string {
+// path where the test keeps it (also returned).
+func (g *grid) env(t testing.TB, url string, role accounts.Role, name string) (env []string, creds string) {
 	t.Helper()
-	creds := g.issue(t, role, name)
-	env := []string{"NATS_URL=" + url, "TESSERA_LOG_LEVEL=debug", "OTEL_TRACES_EXPORTER=none", "OTEL_METRICS_EXPORTER=none"}
+	creds = g.issue(t, role, name)
+	env = []string{"NATS_URL=" + url, "TESSERA_LOG_LEVEL=debug", "OTEL_TRACES_EXPORTER=none", "OTEL_METRICS_EXPORTER=none"}
 	sc := bufio.NewScanner(strings.NewReader(accounts.EnvFile(role, name)))
 	for sc.Scan() {
 		line := sc.Text()
@@ -363,7 +363,7 @@ func (g *grid) env(t testing.TB, url string, role accounts.Role, name string) []
 			env = append(env, line)
 		}
 	}
-	return env
+	return env, creds
 }
 
 // client is a connection of one identity that records the server's
