@@ -241,6 +241,13 @@ func (s *Secrets) IssueLeaf(supplier string, nodes []string, domain string, expi
 		ps = append(ps, p)
 	}
 	p := Merge(ps...)
+	// A leaf node forwards a reply only to subjects the grid has told it
+	// about, and the grid tells it only about subjects it may publish to:
+	// replies to the services that send nodes requests (the router's stage
+	// and control requests, the registry's challenges) need their inboxes
+	// listed. Within them, a reply reaches a request only with its
+	// unguessable reply token.
+	p.Publish = append(p.Publish, subjects.ServiceInbox(string(RoleRouter))+".>", subjects.ServiceInbox(string(RoleRegistry))+".>")
 	return s.issue(Identity{Role: RoleLeaf, Name: supplier, Expires: expires}, issuerKey, &p, jwt.StringList{jwt.ConnectionTypeLeafnode})
 }
 
