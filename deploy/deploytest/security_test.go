@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"syscall"
 	"testing"
 	"time"
 
@@ -14,6 +15,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tessera-grid/tessera/deploy/accounts"
+	"github.com/tessera-grid/tessera/pkg/bus"
+	"github.com/tessera-grid/tessera/pkg/config"
 	"github.com/tessera-grid/tessera/pkg/subjects"
 	"github.com/tessera-grid/tessera/pkg/wire"
 )
@@ -376,4 +379,32 @@ func flush(t testing.TB, c *client) {
 	if err := c.NC.Flush(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestRevokedExecutorIsRefused follows the walkthrough's revocation: revoke
+// the node's key, render accounts.conf again and reload the server; the
+// node's credentials are refused from then on.
+func TestRevokedExecutorIsRefused(t *testing.T) {
+	g, s, _ := startSingle(t)
+	out, err := g.secrets.Issue(accounts.Identity{Role: accounts.RoleExecutor, Name: "n1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := config.NATS{URL: s.URL, Creds: out.Creds, InboxPrefix: accounts.InboxPrefix(accounts.RoleExecutor, "n1")}
+	connect(t, "n1", cfg)
+	tool(t, "-dir", g.secrets.Dir(), "revoke", "-pubkey", out.PublicKey)
+	tool(t, "-dir", g.secrets.Dir(), "server-config", "-o", filepath.Join(g.confDir, "accounts.conf"))
+	if err := s.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	checkFor(t, 10*time.Second, 50*time.Millisecond, func() error {
+		c, err := bus.Connect(context.Background(), cfg, nil, "n1-again")
+		if err == nil {
+			c.NC.Close()
+			return errors.New("revoked credentials still accepted")
+		}
+		return nil
+	})
+	// Other nodes are unaffected.
+	connect(t, "n2", g.natsConfig(t, s.URL, accounts.RoleExecutor, "n2"))
 }
