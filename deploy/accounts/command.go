@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 	"unicode"
@@ -133,6 +134,9 @@ func Command(ctx context.Context, args []string, stdout io.Writer) error {
 		}
 		if *outFile == "" {
 			_, err = io.WriteString(stdout, conf)
+			return err
+		}
+		if err := os.MkdirAll(filepath.Dir(*outFile), 0o755); err != nil {
 			return err
 		}
 		return writeFile(*outFile, []byte(conf), 0o644)

@@ -29,6 +29,8 @@ func startCluster(t *testing.T, g *grid) ([]*natsServer, string) {
 	for i := range n {
 		routes = append(routes, fmt.Sprintf("nats-route://nats-%d:6222", i+1), fmt.Sprintf("nats-route://127.0.0.1:%d", route[i]))
 	}
+	// accounts.conf goes next to each server's configuration file.
+	tool(t, "-dir", g.secrets.Dir(), "server-config", "-o", filepath.Join(g.confDir, "cluster", "accounts.conf"))
 	var servers []*natsServer
 	var urls []string
 	for i := range n {
