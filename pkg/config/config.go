@@ -11,6 +11,8 @@ package config
 import (
 	"context"
 	"fmt"
+	"reflect"
+	"strings"
 
 	"github.com/sethvargo/go-envconfig"
 )
@@ -33,9 +35,27 @@ func LoadFrom(ctx context.Context, prefix string, target any, lookup envconfig.L
 		lookup = envconfig.PrefixLookuper(prefix, lookup)
 	}
 	if err := envconfig.ProcessWith(ctx, &envconfig.Config{Target: target, Lookuper: lookup}); err != nil {
-		return fmt.Errorf("config %s*: %w", prefix, err)
+		return fmt.Errorf("config %s: %w", variable(target, prefix, err), err)
 	}
 	return nil
+}
+
+// variable names the environment variable an envconfig error is about (its
+// errors start with the struct field's name), or prefix* when none fits.
+func variable(target any, prefix string, err error) string {
+	field, _, _ := strings.Cut(err.Error(), ":")
+	t := reflect.TypeOf(target)
+	for t != nil && t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t != nil && t.Kind() == reflect.Struct {
+		if f, ok := t.FieldByName(field); ok {
+			if key, _, _ := strings.Cut(f.Tag.Get("env"), ","); strings.TrimSpace(key) != "" {
+				return prefix + strings.TrimSpace(key)
+			}
+		}
+	}
+	return prefix + "*"
 }
 
 // NATS holds how a service reaches the NATS system. It is read without a
