@@ -84,6 +84,12 @@ func (j JetStream) api() string {
 // Template returns role's permissions with NameVar standing for the
 // identity's name.
 func Template(role Role, js JetStream) (Permissions, error) {
+	if js.Domain != "" {
+		// A domain with '.', '*' or '>' would widen every JetStream grant.
+		if err := subjects.Token(js.Domain); err != nil {
+			return Permissions{}, fmt.Errorf("JetStream domain: %w", err)
+		}
+	}
 	n := NameVar
 	var p Permissions
 	switch role {
