@@ -156,16 +156,35 @@ func TestInitIssueAndServerConfig(t *testing.T) {
 	}
 }
 
-// TestOwnKeyAndCombine: a supplier keeps its node seed; the operator signs
-// its public key; the supplier combines both into .creds.
+// TestOwnKeyAndCombine: a supplier makes its node key (keygen) and keeps the
+// seed; the operator signs its public key; the supplier combines both into
+// .creds.
 func TestOwnKeyAndCombine(t *testing.T) {
-	s, err := Init(filepath.Join(t.TempDir(), "secrets"), InitOptions{})
+	dir := t.TempDir()
+	s, err := Init(filepath.Join(dir, "secrets"), InitOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	kp, _ := nkeys.CreateUser()
+	var printed bytes.Buffer
+	seedFile := filepath.Join(dir, "node.seed")
+	if err := Command(context.Background(), []string{"keygen", "-o", seedFile}, &printed); err != nil {
+		t.Fatal(err)
+	}
+	if err := Command(context.Background(), []string{"keygen", "-o", seedFile}, &printed); err == nil {
+		t.Fatal("keygen replaced an existing key")
+	}
+	seed, err := os.ReadFile(seedFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kp, err := nkeys.ParseDecoratedUserNKey(seed)
+	if err != nil {
+		t.Fatal(err)
+	}
 	pub, _ := kp.PublicKey()
-	seed, _ := kp.Seed()
+	if strings.TrimSpace(printed.String()) != pub {
+		t.Fatalf("keygen printed %q for key %s", printed.String(), pub)
+	}
 	out, err := s.Issue(Identity{Role: RoleExecutor, Name: "n7", PublicKey: pub})
 	if err != nil {
 		t.Fatal(err)

@@ -13,6 +13,8 @@ import (
 	"time"
 	"unicode"
 
+	"github.com/nats-io/nkeys"
+
 	"github.com/tessera-grid/tessera/pkg/bus"
 	"github.com/tessera-grid/tessera/pkg/config"
 )
@@ -34,6 +36,9 @@ usage: tessera-accounts [-dir SECRETS] COMMAND [flags]
                     -supplier ID  -nodes ID,ID,...  -domain tessera  -expires DURATION
   server-config   print accounts.conf for the servers (-o FILE to write it)
   revoke          revoke a user key: -pubkey U... (then server-config and reload)
+  keygen          make a node key on the machine that will use it: writes
+                    the seed to -o FILE (owner-only), prints the public key
+                    for the operator's "issue -pubkey"
   combine         make a .creds file from a JWT and your own seed
                     -jwt FILE  -seed FILE  -o FILE
   permissions     print a role's permissions as JSON: -role ROLE [-name NAME] [-domain D]
@@ -154,6 +159,27 @@ func Command(ctx context.Context, args []string, stdout io.Writer) error {
 		}
 		fmt.Fprintf(stdout, "revoked %s: render server-config again and reload the servers\n", *pub)
 		return nil
+	case "keygen":
+		outFile := fs.String("o", "", "the seed file to write")
+		if err := parse(); err != nil {
+			return err
+		}
+		if *outFile == "" {
+			return errors.New("keygen: -o is required")
+		}
+		if _, err := os.Stat(*outFile); err == nil {
+			return fmt.Errorf("keygen: %s exists; a node keeps its key", *outFile)
+		}
+		kp, err := nkeys.CreateUser()
+		if err != nil {
+			return err
+		}
+		seed, _ := kp.Seed()
+		if err := writeFile(*outFile, append(seed, '\n'), 0o600); err != nil {
+			return err
+		}
+		fmt.Fprintln(stdout, mustPublic(kp))
+		return nil
 	case "combine":
 		jwtFile := fs.String("jwt", "", "user JWT file")
 		seedFile := fs.String("seed", "", "your nkey seed (or .creds) file")
@@ -196,7 +222,16 @@ func Command(ctx context.Context, args []string, stdout io.Writer) error {
 		}
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
-		return enc.Encode(p)
+		enc.SetEscapeHTML(false)
+		out := struct {
+			Publish   []string `json:"publish"`
+			Subscribe []string `json:"subscribe"`
+			Responses string   `json:"responses,omitempty"`
+		}{Publish: p.Publish, Subscribe: p.Subscribe}
+		if p.Responses > 0 {
+			out.Responses = p.Responses.String()
+		}
+		return enc.Encode(out)
 	case "bootstrap":
 		if err := parse(); err != nil {
 			return err
