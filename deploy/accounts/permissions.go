@@ -98,7 +98,8 @@ func Template(role Role, js JetStream) (Permissions, error) {
 			Publish: cat(
 				[]string{subjects.Heartbeat(n), subjects.UsageNode(n), subjects.DeadLetter(string(RoleExecutor), "*")},
 				js.kvRead(subjects.BucketPlans, true),
-				js.kvRead(subjects.BucketModels, false),
+				// Watched too: a node follows model manifests (speed measured per model).
+				js.kvRead(subjects.BucketModels, true),
 				js.objectRead(subjects.ObjectFragments),
 			),
 			Subscribe: []string{

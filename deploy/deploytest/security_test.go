@@ -225,6 +225,16 @@ func TestExecutorPermissions(t *testing.T) {
 		if e, err := mkv.Get(ctx, "m"); err != nil || string(e.Value()) != `{"id":"m"}` {
 			t.Fatalf("model: %v %v", e, err)
 		}
+		mw, err := mkv.WatchAll(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e := <-mw.Updates(); e == nil || e.Key() != "m" {
+			t.Fatalf("model watch: %v", e)
+		}
+		if err := mw.Stop(); err != nil {
+			t.Fatal(err)
+		}
 		obs, err := c.JS.ObjectStore(ctx, subjects.ObjectFragments)
 		if err != nil {
 			t.Fatal(err)
