@@ -57,7 +57,9 @@ const NameVar = "{{name()}}"
 // Permissions are the subjects an identity may publish and subscribe to;
 // everything else is denied.
 type Permissions struct {
-	Publish   []string `json:"publish"`
+	// Publish lists the subjects the identity may publish to.
+	Publish []string `json:"publish"`
+	// Subscribe lists the subjects the identity may subscribe to.
 	Subscribe []string `json:"subscribe"`
 	// Responses lets the identity publish one reply to each request it
 	// received, whatever the reply subject, for this long after the request
