@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -73,6 +74,12 @@ func Connect(ctx context.Context, cfg config.NATS, embedded *server.Server, name
 	if cfg.User != "" {
 		opts = append(opts, nats.UserInfo(cfg.User, cfg.Password))
 	}
+	if cfg.InboxPrefix != "" {
+		if strings.ContainsAny(cfg.InboxPrefix, "*> \t") || strings.HasSuffix(cfg.InboxPrefix, ".") {
+			return nil, fmt.Errorf("NATS_INBOX_PREFIX %q: want subject tokens without wildcards, spaces or a trailing '.'", cfg.InboxPrefix)
+		}
+		opts = append(opts, nats.CustomInboxPrefix(cfg.InboxPrefix))
+	}
 	opts = append(opts, extra...)
 	url := cfg.URL
 	if url == "" {
@@ -86,7 +93,12 @@ func Connect(ctx context.Context, cfg config.NATS, embedded *server.Server, name
 	if err != nil {
 		return nil, fmt.Errorf("connect %s to %s: %w", name, url, err)
 	}
-	js, err := jetstream.New(nc)
+	var js jetstream.JetStream
+	if cfg.JSDomain != "" {
+		js, err = jetstream.NewWithDomain(nc, cfg.JSDomain)
+	} else {
+		js, err = jetstream.New(nc)
+	}
 	if err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("jetstream for %s: %w", name, err)

@@ -11,6 +11,8 @@ package config
 import (
 	"context"
 	"fmt"
+	"reflect"
+	"strings"
 
 	"github.com/sethvargo/go-envconfig"
 )
@@ -33,9 +35,27 @@ func LoadFrom(ctx context.Context, prefix string, target any, lookup envconfig.L
 		lookup = envconfig.PrefixLookuper(prefix, lookup)
 	}
 	if err := envconfig.ProcessWith(ctx, &envconfig.Config{Target: target, Lookuper: lookup}); err != nil {
-		return fmt.Errorf("config %s*: %w", prefix, err)
+		return fmt.Errorf("config %s: %w", variable(target, prefix, err), err)
 	}
 	return nil
+}
+
+// variable names the environment variable an envconfig error is about (its
+// errors start with the struct field's name), or prefix* when none fits.
+func variable(target any, prefix string, err error) string {
+	field, _, _ := strings.Cut(err.Error(), ":")
+	t := reflect.TypeOf(target)
+	for t != nil && t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t != nil && t.Kind() == reflect.Struct {
+		if f, ok := t.FieldByName(field); ok {
+			if key, _, _ := strings.Cut(f.Tag.Get("env"), ","); strings.TrimSpace(key) != "" {
+				return prefix + strings.TrimSpace(key)
+			}
+		}
+	}
+	return prefix + "*"
 }
 
 // NATS holds how a service reaches the NATS system. It is read without a
@@ -54,4 +74,18 @@ type NATS struct {
 	// Replicas is the replica count for streams, buckets and the object
 	// store this service creates (3 on a clustered NATS system).
 	Replicas int `env:"NATS_REPLICAS, default=1"`
+	// InboxPrefix replaces "_INBOX" as the prefix of the client's reply
+	// subjects (request replies, JetStream acks, watchers). On a secured
+	// system each identity may subscribe only under its own prefix, so that
+	// no one reads another client's replies; deploy/ names the prefix of
+	// each role (for example _INBOX_node-1 for executor node-1).
+	InboxPrefix string `env:"NATS_INBOX_PREFIX"`
+	// JSDomain is the JetStream domain of the grid, for clients that reach
+	// it through a leaf node (a supplier site); empty on the grid itself.
+	JSDomain string `env:"NATS_JS_DOMAIN"`
+	// Bootstrap makes the service create or update the grid's streams,
+	// buckets and object store at start. A secured grid sets it to false:
+	// only the administrator's identity may change stream configuration,
+	// and it bootstraps once at deploy time.
+	Bootstrap bool `env:"NATS_BOOTSTRAP, default=true"`
 }

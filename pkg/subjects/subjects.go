@@ -50,6 +50,10 @@ const (
 	BucketExpertLoad = "expertload"
 )
 
+// KeyPriceBook is the key of the price book in BucketPrices; each put is a
+// new version.
+const KeyPriceBook = "book"
+
 // ObjectFragments is the object store holding fragment blobs and tokenizers,
 // content-addressed by sha256.
 const ObjectFragments = "fragments"
@@ -85,6 +89,15 @@ const (
 	RegistryPrefix = Root + ".registry"
 	// SettlementPrefix is the subject prefix of settlement's micro endpoints.
 	SettlementPrefix = Root + ".settlement"
+	// SettlementCustomerStatement answers a customer's usage and charges
+	// between two times (settlement micro endpoint).
+	SettlementCustomerStatement = SettlementPrefix + ".statement.customer"
+	// SettlementSupplierStatement answers a supplier's earnings between two
+	// times (settlement micro endpoint).
+	SettlementSupplierStatement = SettlementPrefix + ".statement.supplier"
+	// SettlementCustomerConsumerAll matches every customer's
+	// SettlementCustomerConsumer subject (what settlement serves).
+	SettlementCustomerConsumerAll = SettlementPrefix + ".consumer.*"
 	// PlannerPrefix is the subject prefix of the planner's micro endpoints.
 	PlannerPrefix = Root + ".planner"
 	// SessionRelease is where the router announces that a request ended, so
@@ -119,6 +132,18 @@ func CustomerUsage(customer, model string) string {
 // CustomerUsageFilter matches all of one customer's usage subjects.
 func CustomerUsageFilter(customer string) string { return Root + ".usage.customer." + customer + ".>" }
 
+// SettlementCustomerConsumer is where customer asks settlement to create
+// or reposition its durable consumer on its usage (for example to replay
+// from a point in time); the subject, which only that customer may publish
+// to, names the customer.
+func SettlementCustomerConsumer(customer string) string {
+	return SettlementPrefix + ".consumer." + customer
+}
+
+// CustomerInbox is the inbox prefix of customer's own NATS clients: its
+// permissions let it receive replies there and nowhere else.
+func CustomerInbox(customer string) string { return "_INBOX.customer." + customer }
+
 // Membership is the subject of a membership event of kind for node.
 func Membership(node, kind string) string { return Root + ".membership." + node + "." + kind }
 
@@ -146,3 +171,13 @@ func Token(s string) error {
 	}
 	return nil
 }
+
+// NodeInbox is the inbox prefix of executor node's NATS client: replies to
+// its requests, JetStream acknowledgements and watcher deliveries arrive
+// under it, and its permissions let it subscribe there and nowhere else. It
+// lies outside "_INBOX.>", where the router may publish streamed chunks.
+func NodeInbox(node string) string { return "_INBOX_node_" + node }
+
+// ServiceInbox is the inbox prefix of a grid service's NATS clients (for
+// example "registry"), private to that service like NodeInbox.
+func ServiceInbox(service string) string { return "_INBOX_svc_" + service }

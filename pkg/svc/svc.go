@@ -55,11 +55,13 @@ func main(name, prefix string, cfg any, run func(context.Context, *bus.Conn, *sl
 		return err
 	}
 	defer c.Close()
-	bctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	err = bus.Bootstrap(bctx, c.JS, nc.Replicas)
-	cancel()
-	if err != nil {
-		return err
+	if nc.Bootstrap {
+		bctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err = bus.Bootstrap(bctx, c.JS, nc.Replicas)
+		cancel()
+		if err != nil {
+			return err
+		}
 	}
 	log.Info("started", "nats", c.NC.ConnectedUrlRedacted())
 	err = run(ctx, c, log)

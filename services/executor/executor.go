@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"math"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -232,7 +233,8 @@ func ParseBytes(s string) (uint64, error) {
 		}
 	}
 	v, err := strconv.ParseFloat(s, 64)
-	if err != nil || v < 0 {
+	// !(v >= 0) also refuses NaN; sizes must fit in 64 bits.
+	if err != nil || !(v >= 0) || v*mult >= math.MaxUint64 {
 		return 0, fmt.Errorf("bad size %q (want e.g. 8GiB)", s)
 	}
 	return uint64(v * mult), nil
