@@ -17,6 +17,7 @@ build:
 		(cd services/$$s && $(GO) build -o ../../$(BIN)/tessera-$$s ./cmd/tessera-$$s) || exit 1; \
 	done
 	$(GO) build -o $(BIN)/tessera ./cmd/tessera
+	$(GO) build -o $(BIN)/tessera-accounts ./deploy/cmd/tessera-accounts
 	@ls $(BIN)
 
 ## run: set up (modules, ClickHouse), start the grid, demo completion, then serve on 127.0.0.1:8080

@@ -48,7 +48,8 @@ func TestServicesWithOwnCredentials(t *testing.T) {
 	env, _ := g.env(t, s.URL, accounts.RoleRegistry, "registry-1")
 	start(t, "registry", "registry", env)
 	env, _ = g.env(t, s.URL, accounts.RolePlanner, "planner-1")
-	start(t, "planner", "planner", append(env, "TESSERA_PLANNER_SETTLE=200ms"))
+	// One pipeline over both executors, so that both serve (and bill) the request.
+	start(t, "planner", "planner", append(env, "TESSERA_PLANNER_SETTLE=200ms", "TESSERA_PLANNER_STRATEGY=exo"))
 	env, _ = g.env(t, s.URL, accounts.RoleRouter, "router-1")
 	router := start(t, "router", "router", append(env,
 		"TESSERA_ROUTER_HTTP_ADDR=127.0.0.1:0", "TESSERA_ROUTER_ANONYMOUS_CUSTOMER=acme", "TESSERA_ROUTER_STAGE_TIMEOUT=5s"))
