@@ -50,6 +50,10 @@ const (
 	BucketExpertLoad = "expertload"
 )
 
+// KeyPriceBook is the key of the price book in BucketPrices; each put is a
+// new version.
+const KeyPriceBook = "book"
+
 // ObjectFragments is the object store holding fragment blobs and tokenizers,
 // content-addressed by sha256.
 const ObjectFragments = "fragments"
@@ -85,6 +89,12 @@ const (
 	RegistryPrefix = Root + ".registry"
 	// SettlementPrefix is the subject prefix of settlement's micro endpoints.
 	SettlementPrefix = Root + ".settlement"
+	// SettlementCustomerStatement answers a customer's usage and charges
+	// between two times (settlement micro endpoint).
+	SettlementCustomerStatement = SettlementPrefix + ".statement.customer"
+	// SettlementSupplierStatement answers a supplier's earnings between two
+	// times (settlement micro endpoint).
+	SettlementSupplierStatement = SettlementPrefix + ".statement.supplier"
 	// PlannerPrefix is the subject prefix of the planner's micro endpoints.
 	PlannerPrefix = Root + ".planner"
 	// SessionRelease is where the router announces that a request ended, so
@@ -118,6 +128,10 @@ func CustomerUsage(customer, model string) string {
 
 // CustomerUsageFilter matches all of one customer's usage subjects.
 func CustomerUsageFilter(customer string) string { return Root + ".usage.customer." + customer + ".>" }
+
+// CustomerInbox is the inbox prefix of customer's own NATS clients: its
+// permissions let it receive replies there and nowhere else.
+func CustomerInbox(customer string) string { return "_INBOX.customer." + customer }
 
 // Membership is the subject of a membership event of kind for node.
 func Membership(node, kind string) string { return Root + ".membership." + node + "." + kind }
