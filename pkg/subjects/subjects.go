@@ -95,6 +95,9 @@ const (
 	// SettlementSupplierStatement answers a supplier's earnings between two
 	// times (settlement micro endpoint).
 	SettlementSupplierStatement = SettlementPrefix + ".statement.supplier"
+	// SettlementCustomerConsumerAll matches every customer's
+	// SettlementCustomerConsumer subject (what settlement serves).
+	SettlementCustomerConsumerAll = SettlementPrefix + ".consumer.*"
 	// PlannerPrefix is the subject prefix of the planner's micro endpoints.
 	PlannerPrefix = Root + ".planner"
 	// SessionRelease is where the router announces that a request ended, so
@@ -128,6 +131,14 @@ func CustomerUsage(customer, model string) string {
 
 // CustomerUsageFilter matches all of one customer's usage subjects.
 func CustomerUsageFilter(customer string) string { return Root + ".usage.customer." + customer + ".>" }
+
+// SettlementCustomerConsumer is where customer asks settlement to create
+// or reposition its durable consumer on its usage (for example to replay
+// from a point in time); the subject, which only that customer may publish
+// to, names the customer.
+func SettlementCustomerConsumer(customer string) string {
+	return SettlementPrefix + ".consumer." + customer
+}
 
 // CustomerInbox is the inbox prefix of customer's own NATS clients: its
 // permissions let it receive replies there and nowhere else.
