@@ -296,7 +296,8 @@ func Main(m *testing.M, srv **Server) int {
 	}
 	*srv = s
 	code := m.Run()
-	if err := s.Stop(); err != nil {
+	// The data is thrown away: no need to wait for a graceful shutdown.
+	if err := s.Kill(); err != nil {
 		fmt.Fprintln(os.Stderr, "clickhousetest:", err)
 	}
 	return code
@@ -328,6 +329,6 @@ func StartOwn(t testing.TB) *Server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = s.Stop() })
+	t.Cleanup(func() { _ = s.Kill() })
 	return s
 }

@@ -1,0 +1,546 @@
+// Package settle moves usage events from stream USAGE into the ledger exactly
+// once: verified, priced, republished to each customer's own subjects, and
+// acknowledged only after their rows are in ClickHouse.
+//
+// How exactly-once works. Rows carry their USAGE sequence and the ledger's
+// position is its highest stored sequence (ledger.MaxSeq). A delivery
+// session starts from that position: it recreates the durable consumer to
+// deliver from position+1, in stream order. Events are handled strictly in
+// sequence: one batch is verified, dead letters are published, the batch is
+// republished to the customer streams, inserted in one atomic insert
+// (retried, after re-reading the position, until it succeeds), and only
+// then acknowledged (AckAll: one ack per batch). A redelivery at or below
+// the position is a duplicate and is skipped. A gap in the delivered
+// sequences, unless the missing events are gone from the stream, ends the
+// session, and the next session starts again from the ledger's position. So a
+// crash anywhere, or ClickHouse going away, neither loses nor duplicates a
+// row: what is in memory is never acknowledged before it is stored.
+//
+// One settlement instance may write to a ledger database at a time.
+package settle
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/tessera-grid/tessera/pkg/bus"
+	"github.com/tessera-grid/tessera/pkg/subjects"
+	"github.com/tessera-grid/tessera/pkg/usagesig"
+	"github.com/tessera-grid/tessera/pkg/wire"
+	"github.com/tessera-grid/tessera/services/settlement/internal/ledger"
+	"github.com/tessera-grid/tessera/services/settlement/internal/metrics"
+	"github.com/tessera-grid/tessera/services/settlement/internal/nodekeys"
+	"github.com/tessera-grid/tessera/services/settlement/internal/prices"
+)
+
+// Service is the name settlement dead-letters under.
+const Service = "settlement"
+
+// Dead-letter reasons.
+const (
+	// ReasonMalformed: not a valid usage event (JSON, fields, encodings).
+	ReasonMalformed = "malformed"
+	// ReasonWrongSubject: published on another node's usage subject.
+	ReasonWrongSubject = "wrong_subject"
+	// ReasonUnknownNode: the registry never held a key for the node.
+	ReasonUnknownNode = "unknown_node"
+	// ReasonKeyMismatch: signed with a key the registry never held for the node.
+	ReasonKeyMismatch = "key_mismatch"
+	// ReasonBadSignature: the event was altered or its signature is forged.
+	ReasonBadSignature = "bad_signature"
+	// ReasonPriceOverflow: the event's counts are too large to price.
+	ReasonPriceOverflow = "price_overflow"
+)
+
+// KeyResolver gives every public key the registry has held for a node; an
+// error wrapping nodekeys.ErrUnknownNode means none. Other errors are
+// treated as transient and retried.
+type KeyResolver interface {
+	NodeKeys(ctx context.Context, node string) ([]string, error)
+}
+
+// Config tunes the Settler.
+type Config struct {
+	// Consumer is the durable consumer's name on stream USAGE.
+	Consumer string
+	// BatchRows and BatchWait bound a batch: it is inserted when it holds
+	// BatchRows events or BatchWait after its first event arrived.
+	BatchRows int
+	BatchWait time.Duration
+	// AckWait is how long JetStream waits for an ack before redelivering.
+	AckWait time.Duration
+	// RetryMin and RetryMax bound the back-off between failed attempts.
+	RetryMin, RetryMax time.Duration
+	// CustomerStreams republishes settled events to each customer's subjects.
+	CustomerStreams bool
+	// RollupInterval is how often the hourly rollups catch up.
+	RollupInterval time.Duration
+	// LagInterval is how often the lag behind the stream is measured.
+	LagInterval time.Duration
+}
+
+// Settler runs delivery sessions until its context ends.
+type Settler struct {
+	cfg      Config
+	js       jetstream.JetStream
+	pub      jetstream.JetStream // its own async-publish window for customer streams
+	ledger   *ledger.Ledger
+	keys     KeyResolver
+	prices   *prices.Current
+	verifier *usagesig.Verifier
+	m        *metrics.Settlement
+	log      *slog.Logger
+
+	// next is the next sequence to handle; done is next after the last
+	// batch that completed (stored, dead-lettered and acknowledged). Only
+	// the Run goroutine touches them.
+	next, done uint64
+	// stored is the ledger's position as last known.
+	stored atomic.Uint64
+}
+
+// New returns a Settler. nc carries the customer-stream publishes.
+func New(cfg Config, nc *nats.Conn, js jetstream.JetStream, l *ledger.Ledger, keys KeyResolver, book *prices.Current, v *usagesig.Verifier, m *metrics.Settlement, log *slog.Logger) (*Settler, error) {
+	if cfg.BatchRows < 1 || cfg.BatchWait <= 0 || cfg.RetryMin <= 0 || cfg.RetryMax < cfg.RetryMin || cfg.AckWait <= 0 {
+		return nil, fmt.Errorf("settle: batch rows %d, batch wait %v, retry %v..%v, ack wait %v: %w",
+			cfg.BatchRows, cfg.BatchWait, cfg.RetryMin, cfg.RetryMax, cfg.AckWait, ErrConfig)
+	}
+	if err := subjects.Token(cfg.Consumer); err != nil {
+		return nil, fmt.Errorf("settle: consumer name: %w: %w", err, ErrConfig)
+	}
+	pub, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(max(4*cfg.BatchRows, 4096)))
+	if err != nil {
+		return nil, err
+	}
+	return &Settler{cfg: cfg, js: js, pub: pub, ledger: l, keys: keys, prices: book, verifier: v, m: m, log: log}, nil
+}
+
+// Position is the ledger's position as last known (the highest USAGE
+// sequence stored).
+func (s *Settler) Position() uint64 { return s.stored.Load() }
+
+// Run settles until ctx ends; it returns nil then. Failures (ClickHouse or
+// NATS unavailable, a gap in delivery) end a session; the next one starts
+// after a back-off from the ledger's position.
+func (s *Settler) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); s.rollupLoop(ctx) }()
+	go func() { defer wg.Done(); s.lagLoop(ctx) }()
+	defer wg.Wait()
+	delay := s.cfg.RetryMin
+	for {
+		started := time.Now()
+		err := s.session(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		s.m.ConsumerResets.Add(1)
+		if time.Since(started) > 10*s.cfg.RetryMax {
+			delay = s.cfg.RetryMin // it ran well for a while: start the back-off afresh
+		}
+		s.log.Warn("settlement delivery restarts from the ledger position", "err", err, "in", delay)
+		if !sleep(ctx, delay) {
+			return nil
+		}
+		delay = min(2*delay, s.cfg.RetryMax)
+	}
+}
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// session delivers from the ledger's position until an error.
+func (s *Settler) session(ctx context.Context) error {
+	pos, err := s.ledger.MaxSeq(ctx)
+	if err != nil {
+		return err
+	}
+	s.stored.Store(pos)
+	s.next = max(pos+1, s.done)
+	s.m.Position.Store(s.next - 1)
+	cons, err := s.consumer(ctx, s.next)
+	if err != nil {
+		return err
+	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(2 * s.cfg.BatchRows))
+	if err != nil {
+		return fmt.Errorf("consume %s: %w", subjects.StreamUsage, err)
+	}
+	defer it.Stop()
+	s.log.Info("settlement delivery starts", "from_seq", s.next, "consumer", s.cfg.Consumer)
+	batch := make([]jetstream.Msg, 0, s.cfg.BatchRows)
+	for {
+		batch, err = s.collect(ctx, it, batch[:0])
+		if err != nil {
+			return err
+		}
+		if err := s.settle(ctx, batch); err != nil {
+			return err
+		}
+	}
+}
+
+// consumer (re)creates the durable consumer so that it delivers from seq on
+// in stream order, with no delivery state from before: the ledger, not the
+// consumer, knows what is settled.
+func (s *Settler) consumer(ctx context.Context, seq uint64) (jetstream.Consumer, error) {
+	err := s.js.DeleteConsumer(ctx, subjects.StreamUsage, s.cfg.Consumer)
+	if err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return nil, fmt.Errorf("consumer %s: delete: %w", s.cfg.Consumer, err)
+	}
+	cons, err := s.js.CreateConsumer(ctx, subjects.StreamUsage, jetstream.ConsumerConfig{
+		Durable:       s.cfg.Consumer,
+		Description:   "settlement: usage events into the ledger, from its position on",
+		DeliverPolicy: jetstream.DeliverByStartSequencePolicy,
+		OptStartSeq:   seq,
+		AckPolicy:     jetstream.AckAllPolicy,
+		AckWait:       s.cfg.AckWait,
+		MaxDeliver:    -1,
+		MaxAckPending: 4 * s.cfg.BatchRows,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("consumer %s: create from %d: %w", s.cfg.Consumer, seq, err)
+	}
+	return cons, nil
+}
+
+// collect waits for a first message, then gathers up to BatchRows of them
+// for at most BatchWait.
+func (s *Settler) collect(ctx context.Context, it jetstream.MessagesContext, batch []jetstream.Msg) ([]jetstream.Msg, error) {
+	m, err := it.Next(jetstream.NextContext(ctx))
+	if err != nil {
+		return nil, fmt.Errorf("next usage event: %w", err)
+	}
+	batch = append(batch, m)
+	bctx, cancel := context.WithTimeout(ctx, s.cfg.BatchWait)
+	defer cancel()
+	for len(batch) < s.cfg.BatchRows {
+		m, err := it.Next(jetstream.NextContext(bctx))
+		if err != nil {
+			if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+				break
+			}
+			return nil, fmt.Errorf("next usage event: %w", err)
+		}
+		batch = append(batch, m)
+	}
+	return batch, nil
+}
+
+type deadLetter struct {
+	msg    jetstream.Msg
+	seq    uint64
+	reason string
+	cause  error
+}
+
+// settle handles one batch: see the package documentation for the order.
+func (s *Settler) settle(ctx context.Context, batch []jetstream.Msg) error {
+	book := s.prices.Load()
+	events := make([]wire.UsageEvent, len(batch))
+	rows := make([]ledger.Row, 0, len(batch))
+	var dead []deadLetter
+	for i, m := range batch {
+		md, err := m.Metadata()
+		if err != nil {
+			return fmt.Errorf("usage message on %s: %w", m.Subject(), err)
+		}
+		seq := md.Sequence.Stream
+		if seq < s.next {
+			s.m.Duplicates.Add(1)
+			continue
+		}
+		if seq > s.next {
+			if err := s.checkGap(ctx, s.next, seq); err != nil {
+				return err
+			}
+		}
+		s.next = seq + 1
+		ev := &events[i]
+		reason, cause, err := s.check(ctx, m, ev)
+		if err != nil {
+			return err
+		}
+		if reason != "" {
+			dead = append(dead, deadLetter{m, seq, reason, cause})
+			continue
+		}
+		price, err := book.Price(ev)
+		if err != nil {
+			dead = append(dead, deadLetter{m, seq, ReasonPriceOverflow, err})
+			continue
+		}
+		if !price.Priced {
+			s.m.Unpriced.Add(1)
+		}
+		rows = append(rows, ledger.Row{Seq: seq, Event: ev, PriceVersion: price.Version, ChargeMicros: price.ChargeMicros, EarningMicros: price.EarningMicros})
+	}
+	for _, d := range dead {
+		msg := &nats.Msg{Subject: d.msg.Subject(), Data: d.msg.Data(), Header: d.msg.Headers()}
+		if err := bus.DeadLetter(ctx, s.js, Service, d.reason, d.cause, msg, d.seq); err != nil {
+			return err
+		}
+		s.m.DeadLettered(d.reason)
+	}
+	settledAt := time.Now().UTC().Truncate(time.Second)
+	if s.cfg.CustomerStreams {
+		if err := s.publishCustomers(ctx, rows, settledAt); err != nil {
+			return err
+		}
+	}
+	if err := s.insert(ctx, rows, settledAt); err != nil {
+		return err
+	}
+	// AckAll: acknowledging the last message acknowledges the batch.
+	if err := batch[len(batch)-1].Ack(); err != nil {
+		// Harmless: a redelivery is skipped as a duplicate.
+		s.log.Warn("ack usage batch", "err", err)
+	}
+	s.done = s.next
+	s.m.Position.Store(s.next - 1)
+	if len(rows) > 0 {
+		s.stored.Store(rows[len(rows)-1].Seq)
+		s.m.Settled.Add(int64(len(rows)))
+		s.m.Batches.Add(1)
+	}
+	return nil
+}
+
+// checkGap returns nil when every sequence in [from, to) is gone from the
+// stream (removed by limits or deleted), and an error otherwise: those
+// events were delivered elsewhere or lost in transit, and delivery must
+// start again from the ledger's position.
+func (s *Settler) checkGap(ctx context.Context, from, to uint64) error {
+	stream, err := s.js.Stream(ctx, subjects.StreamUsage)
+	if err != nil {
+		return fmt.Errorf("gap %d..%d: %w", from, to-1, err)
+	}
+	first := stream.CachedInfo().State.FirstSeq
+	for seq := from; seq < to; seq++ {
+		if seq < first {
+			continue
+		}
+		_, err := stream.GetMsg(ctx, seq)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("gap %d..%d: %w", from, to-1, err)
+		}
+		return fmt.Errorf("%w: event %d was not delivered before %d", ErrDeliveryGap, seq, to)
+	}
+	s.log.Error("usage events left the stream before they were settled", "from_seq", from, "to_seq", to-1)
+	return nil
+}
+
+// check decodes and verifies one event. A non-empty reason means the event
+// is dead-lettered; err means settling cannot go on (ctx ended).
+func (s *Settler) check(ctx context.Context, m jetstream.Msg, ev *wire.UsageEvent) (reason string, cause, err error) {
+	if err := wire.Decode(m.Data(), ev); err != nil {
+		return ReasonMalformed, err, nil
+	}
+	if err := ev.Validate(); err != nil {
+		return ReasonMalformed, err, nil
+	}
+	if want := subjects.UsageNode(ev.Node); m.Subject() != want {
+		return ReasonWrongSubject, fmt.Errorf("event of node %q published on %s", ev.Node, m.Subject()), nil
+	}
+	if id := m.Headers().Get(wire.HdrMsgID); id != "" && id != ev.ID {
+		return ReasonMalformed, fmt.Errorf("Nats-Msg-Id %q differs from event id %q", id, ev.ID), nil
+	}
+	keys, err := s.nodeKeys(ctx, ev.Node)
+	if errors.Is(err, nodekeys.ErrUnknownNode) {
+		return ReasonUnknownNode, err, nil
+	}
+	if err != nil {
+		return "", nil, err
+	}
+	if !slices.Contains(keys, ev.PublicKey) {
+		return ReasonKeyMismatch, fmt.Errorf("event %q signed by %s, not a key registered for node %q", ev.ID, ev.PublicKey, ev.Node), nil
+	}
+	if err := s.verifier.Verify(ev); err != nil {
+		if errors.Is(err, usagesig.ErrMalformed) {
+			return ReasonMalformed, err, nil
+		}
+		return ReasonBadSignature, err, nil
+	}
+	return "", nil, nil
+}
+
+// nodeKeys asks the resolver, retrying transient failures until ctx ends.
+func (s *Settler) nodeKeys(ctx context.Context, node string) ([]string, error) {
+	delay := s.cfg.RetryMin
+	for {
+		keys, err := s.keys.NodeKeys(ctx, node)
+		if err == nil || errors.Is(err, nodekeys.ErrUnknownNode) {
+			return keys, err
+		}
+		s.log.Warn("node keys", "node", node, "err", err, "retry_in", delay)
+		if !sleep(ctx, delay) {
+			return nil, ctx.Err()
+		}
+		delay = min(2*delay, s.cfg.RetryMax)
+	}
+}
+
+// publishCustomers republishes rows to their customers' subjects and waits
+// until JetStream has stored them all. It runs before the insert: after a
+// crash between the two the batch is redelivered and published again, and
+// the stream drops the duplicates by event id.
+func (s *Settler) publishCustomers(ctx context.Context, rows []ledger.Row, settledAt time.Time) error {
+	if len(rows) == 0 {
+		return nil
+	}
+	futures := make([]jetstream.PubAckFuture, 0, len(rows))
+	for _, r := range rows {
+		ev := r.Event
+		data, err := json.Marshal(wire.CustomerUsage{Event: *ev, Seq: r.Seq, PriceVersion: r.PriceVersion, ChargeMicros: r.ChargeMicros, SettledAt: settledAt})
+		if err != nil {
+			return fmt.Errorf("customer usage %q: %w", ev.ID, err)
+		}
+		msg := nats.NewMsg(subjects.CustomerUsage(ev.Customer, ev.Model))
+		msg.Header.Set(wire.HdrMsgID, ev.ID)
+		msg.Data = data
+		f, err := s.pub.PublishMsgAsync(msg)
+		if err != nil {
+			return fmt.Errorf("customer usage %q: %w", ev.ID, err)
+		}
+		futures = append(futures, f)
+	}
+	timeout := time.NewTimer(max(s.cfg.AckWait/2, 5*time.Second))
+	defer timeout.Stop()
+	select {
+	case <-s.pub.PublishAsyncComplete():
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-timeout.C:
+		return fmt.Errorf("customer usage: %d publishes unacknowledged", s.pub.PublishAsyncPending())
+	}
+	for _, f := range futures {
+		select {
+		case <-f.Ok():
+		case err := <-f.Err():
+			return fmt.Errorf("customer usage %s: %w", f.Msg().Header.Get(wire.HdrMsgID), err)
+		}
+	}
+	return nil
+}
+
+// insert stores rows, retrying with back-off until it succeeds or ctx ends.
+// Before a retry it re-reads the ledger's position: a failed insert may have
+// been written all the same.
+func (s *Settler) insert(ctx context.Context, rows []ledger.Row, settledAt time.Time) error {
+	delay := s.cfg.RetryMin
+	for len(rows) > 0 {
+		err := s.ledger.Insert(ctx, rows, settledAt)
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		s.m.InsertErrors.Add(1)
+		s.log.Warn("ledger insert failed; consuming stops until it succeeds", "rows", len(rows), "err", err, "retry_in", delay)
+		for {
+			if !sleep(ctx, delay) {
+				return ctx.Err()
+			}
+			delay = min(2*delay, s.cfg.RetryMax)
+			pos, err := s.ledger.MaxSeq(ctx)
+			if err == nil {
+				s.stored.Store(pos)
+				i, _ := slices.BinarySearchFunc(rows, pos+1, func(r ledger.Row, seq uint64) int {
+					switch {
+					case r.Seq < seq:
+						return -1
+					case r.Seq > seq:
+						return 1
+					}
+					return 0
+				})
+				rows = rows[i:]
+				break
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			s.log.Warn("ledger position unavailable", "err", err, "retry_in", delay)
+		}
+	}
+	return nil
+}
+
+// rollupLoop brings the hourly rollups up to the ledger's position every
+// RollupInterval.
+func (s *Settler) rollupLoop(ctx context.Context) {
+	t := time.NewTicker(s.cfg.RollupInterval)
+	defer t.Stop()
+	var rolled uint64
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		upTo := s.stored.Load()
+		if upTo == 0 || upTo <= rolled {
+			continue
+		}
+		if err := s.ledger.Rollup(ctx, upTo); err != nil {
+			if ctx.Err() == nil {
+				s.log.Warn("hourly rollup", "up_to", upTo, "err", err)
+			}
+			continue
+		}
+		rolled = upTo
+		s.m.RollupPosition.Store(upTo)
+	}
+}
+
+// lagLoop measures every LagInterval how many events, and how many seconds
+// of them, stream USAGE holds beyond the settled position.
+func (s *Settler) lagLoop(ctx context.Context) {
+	t := time.NewTicker(s.cfg.LagInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		stream, err := s.js.Stream(ctx, subjects.StreamUsage)
+		if err != nil {
+			continue
+		}
+		last := stream.CachedInfo().State.LastSeq
+		pos := s.m.Position.Load()
+		if last <= pos {
+			s.m.LagEvents.Store(0)
+			s.m.SetLagSeconds(0)
+			continue
+		}
+		s.m.LagEvents.Store(int64(last - pos))
+		if msg, err := stream.GetMsg(ctx, pos+1); err == nil {
+			s.m.SetLagSeconds(max(0, time.Since(msg.Time).Seconds()))
+		}
+	}
+}
