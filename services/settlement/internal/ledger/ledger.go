@@ -11,9 +11,12 @@ package ledger
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"regexp"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
@@ -38,6 +41,12 @@ type Options struct {
 type Ledger struct {
 	conn driver.Conn
 	db   string
+	// insertPrefix and rollupPrefix start the query ids of the inserts into
+	// the events and the rollups (see FinishInserts); tag is this Ledger's
+	// part of them, inserts counts them.
+	insertPrefix, rollupPrefix string
+	tag                        string
+	inserts                    atomic.Uint64
 }
 
 var identifier = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]{0,63}$`)
@@ -66,7 +75,10 @@ func Open(o Options) (*Ledger, error) {
 	if err != nil {
 		return nil, fmt.Errorf("clickhouse %v: %w", o.Addr, err)
 	}
-	return &Ledger{conn: conn, db: o.Database}, nil
+	var tag [6]byte
+	_, _ = rand.Read(tag[:])
+	return &Ledger{conn: conn, db: o.Database, tag: hex.EncodeToString(tag[:]),
+		insertPrefix: "tessera-settle-" + o.Database + "-", rollupPrefix: "tessera-rollup-" + o.Database + "-"}, nil
 }
 
 // Close closes the connections.
@@ -191,6 +203,7 @@ func (l *Ledger) Insert(ctx context.Context, rows []Row, settledAt time.Time) er
 		pub[i], priceVersion[i], charge[i], earning[i] = e.PublicKey, r.PriceVersion, r.ChargeMicros, r.EarningMicros
 		settled[i] = settledAt
 	}
+	ctx = clickhouse.Context(ctx, clickhouse.WithQueryID(l.queryID(l.insertPrefix)))
 	b, err := l.conn.PrepareBatch(ctx, l.sql(insertEvents))
 	if err != nil {
 		return fmt.Errorf("clickhouse insert: %w", err)
@@ -209,6 +222,42 @@ func (l *Ledger) Insert(ctx context.Context, rows []Row, settledAt time.Time) er
 	return nil
 }
 
+func (l *Ledger) queryID(prefix string) string {
+	return fmt.Sprintf("%s%s-%d", prefix, l.tag, l.inserts.Add(1))
+}
+
+// FinishInserts returns once no insert into the events table runs any more,
+// killing those that still do. ClickHouse completes an insert whose data it
+// has received even when the client that sent it is gone (crashed,
+// cancelled, cut off), so after a writer stops, the position (MaxSeq) is
+// only final once its inserts have ended. Call it before MaxSeq when
+// (re)starting from the position.
+func (l *Ledger) FinishInserts(ctx context.Context) error { return l.finish(ctx, l.insertPrefix) }
+
+// FinishRollups is FinishInserts for the rollup steps: call it before the
+// first Rollup and after a failed one.
+func (l *Ledger) FinishRollups(ctx context.Context) error { return l.finish(ctx, l.rollupPrefix) }
+
+func (l *Ledger) finish(ctx context.Context, prefix string) error {
+	for {
+		var running uint64
+		if err := l.conn.QueryRow(ctx, "SELECT count() FROM system.processes WHERE startsWith(query_id, ?)", prefix).Scan(&running); err != nil {
+			return fmt.Errorf("clickhouse running inserts: %w", err)
+		}
+		if running == 0 {
+			return nil
+		}
+		if err := l.conn.Exec(ctx, "KILL QUERY WHERE startsWith(query_id, ?) SYNC", prefix); err != nil {
+			return fmt.Errorf("clickhouse kill running inserts: %w", err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
 // MaxSeq is the ledger's position: the highest USAGE sequence stored (0 when
 // empty).
 func (l *Ledger) MaxSeq(ctx context.Context) (uint64, error) {
@@ -221,7 +270,8 @@ func (l *Ledger) MaxSeq(ctx context.Context) (uint64, error) {
 
 // Rollup adds the events with seq in (rollup position, upTo] to every hourly
 // rollup table, each table in one INSERT ... SELECT (one part), so that a
-// step is applied once even when interrupted. upTo must not exceed MaxSeq.
+// step is applied once even when interrupted (after an interruption, call
+// FinishRollups before the next step). upTo must not exceed MaxSeq.
 func (l *Ledger) Rollup(ctx context.Context, upTo uint64) error {
 	for _, r := range rollups {
 		var from uint64
@@ -241,7 +291,8 @@ func (l *Ledger) Rollup(ctx context.Context, upTo uint64) error {
 		sel = append(sel, "maxState(seq)")
 		q := fmt.Sprintf("INSERT INTO {db}.%s (%s) SELECT %s FROM {db}.usage_events WHERE seq > ? AND seq <= ? GROUP BY hour, %s",
 			r.table, strings.Join(cols, ", "), strings.Join(sel, ", "), strings.Join(r.keys, ", "))
-		if err := l.conn.Exec(ctx, l.sql(q), from, upTo); err != nil {
+		qctx := clickhouse.Context(ctx, clickhouse.WithQueryID(l.queryID(l.rollupPrefix)))
+		if err := l.conn.Exec(qctx, l.sql(q), from, upTo); err != nil {
 			return fmt.Errorf("clickhouse rollup %s (%d, %d]: %w", r.table, from, upTo, err)
 		}
 	}

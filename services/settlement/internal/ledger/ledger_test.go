@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2"
+
 	"github.com/tessera-grid/tessera/pkg/wire"
 	"github.com/tessera-grid/tessera/services/settlement/internal/clickhousetest"
 )
@@ -254,5 +256,37 @@ func TestNodeKeys(t *testing.T) {
 	}
 	if len(keys["n1"]) != 2 || len(keys["n2"]) != 1 || keys["n2"][0] != "UC" {
 		t.Fatalf("keys %v", keys)
+	}
+}
+
+// An insert still running (here a slow query under an insert's id) is
+// killed, and FinishInserts returns only once it has ended.
+func TestFinishInsertsEndsRunningInserts(t *testing.T) {
+	l := newLedger(t)
+	ctx := context.Background()
+	if err := l.FinishInserts(ctx); err != nil {
+		t.Fatalf("nothing running: %v", err)
+	}
+	ended := make(chan error, 1)
+	go func() {
+		qctx := clickhouse.Context(ctx, clickhouse.WithQueryID(l.queryID(l.insertPrefix)))
+		ended <- l.conn.Exec(qctx, "SELECT sleepEachRow(1) FROM system.numbers LIMIT 600 FORMAT Null")
+	}()
+	var running uint64
+	for running == 0 {
+		if err := l.conn.QueryRow(ctx, "SELECT count() FROM system.processes WHERE startsWith(query_id, ?)", l.insertPrefix).Scan(&running); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := l.FinishInserts(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-ended:
+		if err == nil {
+			t.Fatal("the running query completed instead of being killed")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("FinishInserts returned while the query still runs")
 	}
 }
