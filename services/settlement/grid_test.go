@@ -249,22 +249,28 @@ func (g *grid) stop() {
 // store them.
 func (g *grid) publish(evs []wire.UsageEvent) {
 	g.t.Helper()
-	ctx := context.Background()
+	if err := g.tryPublish(evs); err != nil {
+		g.t.Fatal(err)
+	}
+}
+
+// tryPublish is publish for goroutines other than the test's.
+func (g *grid) tryPublish(evs []wire.UsageEvent) error {
 	for i := range evs {
 		m, err := usagesig.Message(&evs[i])
 		if err != nil {
-			g.t.Fatal(err)
+			return err
 		}
 		if _, err := g.conn.JS.PublishMsgAsync(m); err != nil {
-			g.t.Fatal(err)
+			return err
 		}
 	}
 	select {
 	case <-g.conn.JS.PublishAsyncComplete():
+		return nil
 	case <-time.After(60 * time.Second):
-		g.t.Fatal("publishes not acknowledged")
+		return fmt.Errorf("%d publishes not acknowledged", g.conn.JS.PublishAsyncPending())
 	}
-	_ = ctx
 }
 
 // waitSettled waits until the ledger holds n events.
@@ -276,7 +282,8 @@ func (g *grid) waitSettled(n int64, timeout time.Duration) {
 			return err
 		}
 		if tt.Events != n {
-			return fmt.Errorf("%d events settled, want %d", tt.Events, n)
+			rows, seqs, ids, _ := g.ledger.DistinctSeqs(context.Background())
+			return fmt.Errorf("%d events settled, want %d (%d rows, %d distinct seqs, %d distinct ids)", tt.Events, n, rows, seqs, ids)
 		}
 		return nil
 	})

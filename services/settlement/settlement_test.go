@@ -191,3 +191,52 @@ func TestBadEventsAreDeadLetteredNotSettled(t *testing.T) {
 		t.Fatalf("metrics do not count 10 settled events: %s", resp.Data)
 	}
 }
+
+// A node's key stays known after its record leaves KV nodes: learned while
+// settlement runs, and kept in the ledger across restarts.
+func TestNodeKeysOutliveRegistryRecords(t *testing.T) {
+	g := newGrid(t, nil)
+	early, late := newNode(t, "node-early", "gpu-co", "gpu"), newNode(t, "node-late", "gpu-co", "gpu")
+	g.register(early)
+	var want totals
+	evs := early.events(t, 0, 20, []string{"acme"}, []string{"stories260k"}, t0)
+	want.add(evs...)
+	g.publish(evs)
+	g.start()
+	g.waitSettled(want.Events, 30*time.Second)
+
+	// node-late joins and leaves while settlement runs; its events arrive after.
+	g.register(late)
+	checkFor(t, 10*time.Second, 10*time.Millisecond, func() error {
+		keys, err := g.ledger.NodeKeys(context.Background())
+		if err != nil {
+			return err
+		}
+		if len(keys[late.id]) != 1 || keys[late.id][0] != late.signer.PublicKey() {
+			return fmt.Errorf("keys %v", keys)
+		}
+		return nil
+	})
+	kv, err := g.conn.JS.KeyValue(context.Background(), subjects.BucketNodes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, nd := range []node{early, late} {
+		if err := kv.Delete(context.Background(), nd.id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	evs = late.events(t, 0, 20, []string{"acme"}, []string{"stories260k"}, t0)
+	want.add(evs...)
+	g.publish(evs)
+	g.waitSettled(want.Events, 30*time.Second)
+
+	// After a restart neither record is in KV: the ledger remembers the keys.
+	g.stop()
+	evs = append(early.events(t, 20, 10, []string{"acme"}, []string{"stories260k"}, t0), late.events(t, 20, 10, []string{"acme"}, []string{"stories260k"}, t0)...)
+	want.add(evs...)
+	g.publish(evs)
+	g.start()
+	g.waitSettled(want.Events, 30*time.Second)
+	g.checkLedger(want)
+}

@@ -3,33 +3,39 @@
 // acknowledged only after their rows are in ClickHouse.
 //
 // How exactly-once works. Rows carry their USAGE sequence and the ledger's
-// position is its highest stored sequence (ledger.MaxSeq). A delivery
-// session starts from that position: it recreates the durable consumer to
-// deliver from position+1, in stream order. Events are handled strictly in
-// sequence: one batch is verified, dead letters are published, the batch is
-// republished to the customer streams, inserted in one atomic insert
-// (retried, after re-reading the position, until it succeeds), and only
-// then acknowledged (AckAll: one ack per batch). A redelivery at or below
-// the position is a duplicate and is skipped. A gap in the delivered
-// sequences, unless the missing events are gone from the stream, ends the
-// session, and the next session starts again from the ledger's position. So a
+// position is its highest stored sequence (ledger.MaxSeq); one insert is one
+// ClickHouse part, all or nothing. A delivery session first ends any insert
+// an earlier writer left running (ClickHouse completes an insert it has
+// received even when its client died), reads the position, and recreates
+// the durable consumer to deliver from position+1, in stream order. Events
+// are handled strictly in sequence: a batch is verified and priced, its dead
+// letters are published, it is republished to the customer streams,
+// inserted (retried with back-off while ClickHouse is away, re-reading the
+// position first, since a failed insert may have been written), and only
+// then acknowledged (AckAll: one ack per batch). Verifying batch k+1
+// overlaps storing batch k, but batches are stored in order. A redelivery at
+// or below the position is a duplicate and is skipped; a gap in the
+// delivered sequences, unless the missing events are gone from the stream,
+// ends the session, and the next one starts again from the position. So a
 // crash anywhere, or ClickHouse going away, neither loses nor duplicates a
-// row: what is in memory is never acknowledged before it is stored.
+// row: nothing in memory is acknowledged before it is stored.
 //
 // One settlement instance may write to a ledger database at a time.
 package settle
 
 import (
+	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/go-json-experiment/json"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -168,9 +174,12 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	}
 }
 
-// session delivers from the ledger's position until an error.
+// session delivers from the ledger's position until an error. Two
+// goroutines form a pipeline: this one collects, verifies and prices batch
+// k+1 while write stores batch k, so that ClickHouse's insert work and ours
+// overlap; batches are stored strictly in order.
 func (s *Settler) session(ctx context.Context) error {
-	pos, err := s.ledger.MaxSeq(ctx)
+	pos, err := s.position(ctx)
 	if err != nil {
 		return err
 	}
@@ -187,16 +196,77 @@ func (s *Settler) session(ctx context.Context) error {
 	}
 	defer it.Stop()
 	s.log.Info("settlement delivery starts", "from_seq", s.next, "consumer", s.cfg.Consumer)
+
+	wctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	ready := make(chan *prepared, 1)
+	written := make(chan error, 1)
+	go func() {
+		err := s.write(wctx, ready)
+		cancel(err) // a failed write ends the reading too
+		written <- err
+	}()
+	readErr := s.read(wctx, it, ready)
+	close(ready)
+	writeErr := <-written
+	if writeErr != nil {
+		return writeErr
+	}
+	return readErr
+}
+
+// prepared is a verified, priced batch, ready to be stored.
+type prepared struct {
+	rows []ledger.Row
+	// raw holds each row's event as published, for the customer streams.
+	raw  [][]byte
+	dead []deadLetter
+	// last is the batch's last message: acknowledging it acknowledges all.
+	last jetstream.Msg
+	// next is the sequence to handle after this batch.
+	next uint64
+}
+
+// read collects and prepares batches until an error.
+func (s *Settler) read(ctx context.Context, it jetstream.MessagesContext, ready chan<- *prepared) error {
 	batch := make([]jetstream.Msg, 0, s.cfg.BatchRows)
 	for {
+		var err error
 		batch, err = s.collect(ctx, it, batch[:0])
 		if err != nil {
 			return err
 		}
-		if err := s.settle(ctx, batch); err != nil {
+		p, err := s.prepare(ctx, batch)
+		if err != nil {
+			return err
+		}
+		select {
+		case ready <- p:
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		}
+	}
+}
+
+// write stores prepared batches in order until ready closes or an error.
+func (s *Settler) write(ctx context.Context, ready <-chan *prepared) error {
+	for p := range ready {
+		if err := s.store(ctx, p); err != nil {
 			return err
 		}
 	}
+	return nil
+}
+
+// position reads the ledger's position once no earlier insert can still
+// change it: inserts of a writer that crashed or was cancelled are ended
+// first (ClickHouse completes an insert it has received whole even when its
+// client is gone).
+func (s *Settler) position(ctx context.Context) (uint64, error) {
+	if err := s.ledger.FinishInserts(ctx); err != nil {
+		return 0, err
+	}
+	return s.ledger.MaxSeq(ctx)
 }
 
 // consumer (re)creates the durable consumer so that it delivers from seq on
@@ -253,16 +323,16 @@ type deadLetter struct {
 	cause  error
 }
 
-// settle handles one batch: see the package documentation for the order.
-func (s *Settler) settle(ctx context.Context, batch []jetstream.Msg) error {
+// prepare verifies and prices one batch; see the package documentation
+// for what happens to it then.
+func (s *Settler) prepare(ctx context.Context, batch []jetstream.Msg) (*prepared, error) {
 	book := s.prices.Load()
 	events := make([]wire.UsageEvent, len(batch))
-	rows := make([]ledger.Row, 0, len(batch))
-	var dead []deadLetter
+	p := &prepared{rows: make([]ledger.Row, 0, len(batch)), raw: make([][]byte, 0, len(batch)), last: batch[len(batch)-1]}
 	for i, m := range batch {
 		md, err := m.Metadata()
 		if err != nil {
-			return fmt.Errorf("usage message on %s: %w", m.Subject(), err)
+			return nil, fmt.Errorf("usage message on %s: %w", m.Subject(), err)
 		}
 		seq := md.Sequence.Stream
 		if seq < s.next {
@@ -271,30 +341,37 @@ func (s *Settler) settle(ctx context.Context, batch []jetstream.Msg) error {
 		}
 		if seq > s.next {
 			if err := s.checkGap(ctx, s.next, seq); err != nil {
-				return err
+				return nil, err
 			}
 		}
 		s.next = seq + 1
 		ev := &events[i]
 		reason, cause, err := s.check(ctx, m, ev)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if reason != "" {
-			dead = append(dead, deadLetter{m, seq, reason, cause})
+			p.dead = append(p.dead, deadLetter{m, seq, reason, cause})
 			continue
 		}
 		price, err := book.Price(ev)
 		if err != nil {
-			dead = append(dead, deadLetter{m, seq, ReasonPriceOverflow, err})
+			p.dead = append(p.dead, deadLetter{m, seq, ReasonPriceOverflow, err})
 			continue
 		}
 		if !price.Priced {
 			s.m.Unpriced.Add(1)
 		}
-		rows = append(rows, ledger.Row{Seq: seq, Event: ev, PriceVersion: price.Version, ChargeMicros: price.ChargeMicros, EarningMicros: price.EarningMicros})
+		p.rows = append(p.rows, ledger.Row{Seq: seq, Event: ev, PriceVersion: price.Version, ChargeMicros: price.ChargeMicros, EarningMicros: price.EarningMicros})
+		p.raw = append(p.raw, m.Data())
 	}
-	for _, d := range dead {
+	p.next = s.next
+	return p, nil
+}
+
+// store dead-letters, republishes, inserts and acknowledges one batch.
+func (s *Settler) store(ctx context.Context, p *prepared) error {
+	for _, d := range p.dead {
 		msg := &nats.Msg{Subject: d.msg.Subject(), Data: d.msg.Data(), Header: d.msg.Headers()}
 		if err := bus.DeadLetter(ctx, s.js, Service, d.reason, d.cause, msg, d.seq); err != nil {
 			return err
@@ -303,23 +380,23 @@ func (s *Settler) settle(ctx context.Context, batch []jetstream.Msg) error {
 	}
 	settledAt := time.Now().UTC().Truncate(time.Second)
 	if s.cfg.CustomerStreams {
-		if err := s.publishCustomers(ctx, rows, settledAt); err != nil {
+		if err := s.publishCustomers(ctx, p, settledAt); err != nil {
 			return err
 		}
 	}
-	if err := s.insert(ctx, rows, settledAt); err != nil {
+	if err := s.insert(ctx, p.rows, settledAt); err != nil {
 		return err
 	}
 	// AckAll: acknowledging the last message acknowledges the batch.
-	if err := batch[len(batch)-1].Ack(); err != nil {
+	if err := p.last.Ack(); err != nil {
 		// Harmless: a redelivery is skipped as a duplicate.
 		s.log.Warn("ack usage batch", "err", err)
 	}
-	s.done = s.next
-	s.m.Position.Store(s.next - 1)
-	if len(rows) > 0 {
-		s.stored.Store(rows[len(rows)-1].Seq)
-		s.m.Settled.Add(int64(len(rows)))
+	s.done = p.next
+	s.m.Position.Store(p.next - 1)
+	if len(p.rows) > 0 {
+		s.stored.Store(p.rows[len(p.rows)-1].Seq)
+		s.m.Settled.Add(int64(len(p.rows)))
 		s.m.Batches.Add(1)
 	}
 	return nil
@@ -355,8 +432,8 @@ func (s *Settler) checkGap(ctx context.Context, from, to uint64) error {
 // check decodes and verifies one event. A non-empty reason means the event
 // is dead-lettered; err means settling cannot go on (ctx ended).
 func (s *Settler) check(ctx context.Context, m jetstream.Msg, ev *wire.UsageEvent) (reason string, cause, err error) {
-	if err := wire.Decode(m.Data(), ev); err != nil {
-		return ReasonMalformed, err, nil
+	if err := json.Unmarshal(m.Data(), ev, json.RejectUnknownMembers(true)); err != nil {
+		return ReasonMalformed, fmt.Errorf("decode usage event: %w", err), nil
 	}
 	if err := ev.Validate(); err != nil {
 		return ReasonMalformed, err, nil
@@ -402,18 +479,18 @@ func (s *Settler) nodeKeys(ctx context.Context, node string) ([]string, error) {
 	}
 }
 
-// publishCustomers republishes rows to their customers' subjects and waits
-// until JetStream has stored them all. It runs before the insert: after a
-// crash between the two the batch is redelivered and published again, and
-// the stream drops the duplicates by event id.
-func (s *Settler) publishCustomers(ctx context.Context, rows []ledger.Row, settledAt time.Time) error {
-	if len(rows) == 0 {
+// publishCustomers republishes a batch's rows to their customers' subjects
+// and waits until JetStream has stored them all. It runs before the insert:
+// after a crash between the two the batch is redelivered and published
+// again, and the stream drops the duplicates by event id.
+func (s *Settler) publishCustomers(ctx context.Context, p *prepared, settledAt time.Time) error {
+	if len(p.rows) == 0 {
 		return nil
 	}
-	futures := make([]jetstream.PubAckFuture, 0, len(rows))
-	for _, r := range rows {
+	futures := make([]jetstream.PubAckFuture, 0, len(p.rows))
+	for i, r := range p.rows {
 		ev := r.Event
-		data, err := json.Marshal(wire.CustomerUsage{Event: *ev, Seq: r.Seq, PriceVersion: r.PriceVersion, ChargeMicros: r.ChargeMicros, SettledAt: settledAt})
+		data, err := customerUsage(nil, p.raw[i], r, settledAt)
 		if err != nil {
 			return fmt.Errorf("customer usage %q: %w", ev.ID, err)
 		}
@@ -445,6 +522,29 @@ func (s *Settler) publishCustomers(ctx context.Context, rows []ledger.Row, settl
 	return nil
 }
 
+// customerUsage appends the JSON of wire.CustomerUsage for row r to dst.
+// The event goes in as the node published it (decoding checked it against
+// the schema's rules; it is what the signature covers), unless it holds a
+// null, which decoding accepts as a zero value but the schema does not: then
+// it is encoded afresh.
+func customerUsage(dst, raw []byte, r ledger.Row, settledAt time.Time) ([]byte, error) {
+	if bytes.Contains(raw, []byte("null")) {
+		b, err := json.Marshal(wire.CustomerUsage{Event: *r.Event, Seq: r.Seq, PriceVersion: r.PriceVersion, ChargeMicros: r.ChargeMicros, SettledAt: settledAt})
+		return append(dst, b...), err
+	}
+	dst = append(dst, `{"event":`...)
+	dst = append(dst, bytes.TrimSpace(raw)...)
+	dst = append(dst, `,"seq":`...)
+	dst = strconv.AppendUint(dst, r.Seq, 10)
+	dst = append(dst, `,"price_version":`...)
+	dst = strconv.AppendUint(dst, r.PriceVersion, 10)
+	dst = append(dst, `,"charge_micros":`...)
+	dst = strconv.AppendInt(dst, r.ChargeMicros, 10)
+	dst = append(dst, `,"settled_at":"`...)
+	dst = settledAt.UTC().AppendFormat(dst, time.RFC3339Nano)
+	return append(dst, `"}`...), nil
+}
+
 // insert stores rows, retrying with back-off until it succeeds or ctx ends.
 // Before a retry it re-reads the ledger's position: a failed insert may have
 // been written all the same.
@@ -465,7 +565,7 @@ func (s *Settler) insert(ctx context.Context, rows []ledger.Row, settledAt time.
 				return ctx.Err()
 			}
 			delay = min(2*delay, s.cfg.RetryMax)
-			pos, err := s.ledger.MaxSeq(ctx)
+			pos, err := s.position(ctx)
 			if err == nil {
 				s.stored.Store(pos)
 				i, _ := slices.BinarySearchFunc(rows, pos+1, func(r ledger.Row, seq uint64) int {
@@ -495,6 +595,7 @@ func (s *Settler) rollupLoop(ctx context.Context) {
 	t := time.NewTicker(s.cfg.RollupInterval)
 	defer t.Stop()
 	var rolled uint64
+	unsure := true // a rollup step of an earlier writer may still run
 	for {
 		select {
 		case <-ctx.Done():
@@ -505,7 +606,14 @@ func (s *Settler) rollupLoop(ctx context.Context) {
 		if upTo == 0 || upTo <= rolled {
 			continue
 		}
+		if unsure {
+			if err := s.ledger.FinishRollups(ctx); err != nil {
+				continue
+			}
+			unsure = false
+		}
 		if err := s.ledger.Rollup(ctx, upTo); err != nil {
+			unsure = true
 			if ctx.Err() == nil {
 				s.log.Warn("hourly rollup", "up_to", upTo, "err", err)
 			}
