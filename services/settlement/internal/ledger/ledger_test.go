@@ -269,11 +269,18 @@ func TestFinishInsertsEndsRunningInserts(t *testing.T) {
 	}
 	ended := make(chan error, 1)
 	go func() {
-		qctx := clickhouse.Context(ctx, clickhouse.WithQueryID(l.queryID(l.insertPrefix)))
-		ended <- l.conn.Exec(qctx, "SELECT sleepEachRow(1) FROM system.numbers LIMIT 600 FORMAT Null")
+		// 0.1 s per one-row block: ten minutes unless killed.
+		qctx := clickhouse.Context(ctx, clickhouse.WithQueryID(l.queryID(l.insertPrefix)),
+			clickhouse.WithSettings(clickhouse.Settings{"max_block_size": 1}))
+		ended <- l.conn.Exec(qctx, "SELECT sleepEachRow(0.1) FROM system.numbers LIMIT 6000 FORMAT Null")
 	}()
 	var running uint64
 	for running == 0 {
+		select {
+		case err := <-ended:
+			t.Fatalf("the slow query ended before it was seen running: %v", err)
+		default:
+		}
 		if err := l.conn.QueryRow(ctx, "SELECT count() FROM system.processes WHERE startsWith(query_id, ?)", l.insertPrefix).Scan(&running); err != nil {
 			t.Fatal(err)
 		}
