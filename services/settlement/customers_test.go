@@ -102,7 +102,7 @@ func (c *customer) drain() []wire.CustomerUsage {
 	}
 	var out []wire.CustomerUsage
 	for {
-		batch, err := cons.Fetch(500, jetstream.FetchMaxWait(300 * time.Millisecond))
+		batch, err := cons.Fetch(500, jetstream.FetchMaxWait(300*time.Millisecond))
 		if err != nil {
 			c.t.Fatal(err)
 		}

@@ -145,8 +145,8 @@ func CustomerPermissions(customer string) (Permissions, error) {
 	return customers.PermissionsFor(customer)
 }
 
-// Run runs settlement until ctx ends, then returns nil. It waits for
-// ClickHouse (retrying with back-off) rather than failing when it is away.
+// Run runs settlement until ctx ends, then returns nil. It waits (with
+// back-off) for ClickHouse rather than failing when it is away.
 func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if deps.Bus == nil || deps.Bus.NC == nil || deps.Bus.JS == nil {
 		return fmt.Errorf("settlement: no NATS connection: %w", ErrConfig)
@@ -156,16 +156,26 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		log = slog.Default()
 	}
 	log = log.With("service", "settlement")
-	if cfg.RetryMax <= 0 || cfg.BatchRows < 1 || cfg.BatchWait <= 0 || cfg.RollupInterval <= 0 || cfg.AckWait <= 0 {
-		return fmt.Errorf("settlement: retry max %v, batch %d rows / %v, rollup interval %v, ack wait %v: %w",
-			cfg.RetryMax, cfg.BatchRows, cfg.BatchWait, cfg.RollupInterval, cfg.AckWait, ErrConfig)
+	retryMin := min(100*time.Millisecond, cfg.RetryMax)
+	scfg := settle.Config{
+		Consumer:        cfg.Consumer,
+		BatchRows:       cfg.BatchRows,
+		BatchWait:       cfg.BatchWait,
+		AckWait:         cfg.AckWait,
+		RetryMin:        retryMin,
+		RetryMax:        cfg.RetryMax,
+		CustomerStreams: cfg.CustomerStreams,
+		RollupInterval:  cfg.RollupInterval,
+		LagInterval:     time.Second,
+	}
+	if err := scfg.Validate(); err != nil {
+		return fmt.Errorf("settlement: %w", err)
 	}
 	led, err := ledger.Open(ledger.Options{Addr: cfg.ClickHouseAddr, Database: cfg.ClickHouseDatabase, User: cfg.ClickHouseUser, Password: cfg.ClickHousePassword})
 	if err != nil {
 		return fmt.Errorf("settlement: %w", err)
 	}
 	defer led.Close()
-	retryMin := min(100*time.Millisecond, cfg.RetryMax)
 	if err := retry(ctx, log, retryMin, cfg.RetryMax, "clickhouse migrate", led.Migrate); err != nil {
 		return nil // ctx ended
 	}
@@ -174,26 +184,15 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	defer wg.Wait()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-
-	book := &prices.Current{}
-	if cfg.PriceFile != "" {
-		b, err := prices.Load(cfg.PriceFile)
-		if err != nil {
-			return fmt.Errorf("settlement: %w", err)
-		}
-		book.Store(b)
-		log.Info("price book loaded", "file", cfg.PriceFile, "version", b.Version)
-	} else {
-		ready := make(chan struct{})
+	goFn := func(f func()) {
 		wg.Add(1)
-		go func() { defer wg.Done(); watchPrices(ctx, js, book, log, ready) }()
-		select {
-		case <-ready:
-		case <-ctx.Done():
-			return nil
-		}
+		go func() { defer wg.Done(); f() }()
 	}
 
+	book, err := priceBook(ctx, cfg, js, log, goFn)
+	if err != nil || ctx.Err() != nil {
+		return err
+	}
 	keys := deps.Keys
 	if keys == nil {
 		kv, err := bus.WaitBootstrapped(ctx, js, subjects.BucketNodes)
@@ -204,13 +203,11 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		if err := reg.Load(ctx); err != nil {
 			log.Warn("node keys kept in the ledger", "err", err)
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		goFn(func() {
 			if err := reg.Watch(ctx); err != nil {
 				log.Error("node keys", "err", err)
 			}
-		}()
+		})
 		keys = reg
 	}
 
@@ -222,7 +219,6 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	} else {
 		defer func() { _ = unregister() }()
 	}
-
 	st := statements.New(led, func() any { return m.Snapshot() }, log)
 	svc, err := st.AddService(ctx, deps.Bus.NC, Version)
 	if err != nil {
@@ -232,43 +228,61 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		return fmt.Errorf("settlement: %w", err)
 	}
 	if cfg.HTTPAddr != "" {
-		ln, err := net.Listen("tcp", cfg.HTTPAddr)
-		if err != nil {
-			return fmt.Errorf("settlement http %s: %w", cfg.HTTPAddr, err)
+		if err := serveHTTP(ctx, cfg.HTTPAddr, st.Handler(), log, goFn); err != nil {
+			return err
 		}
-		srv := &http.Server{Handler: st.Handler(), ReadHeaderTimeout: 10 * time.Second}
-		wg.Add(2)
-		go func() {
-			defer wg.Done()
-			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				log.Error("settlement http", "err", err)
-			}
-		}()
-		go func() {
-			defer wg.Done()
-			<-ctx.Done()
-			sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer scancel()
-			_ = srv.Shutdown(sctx)
-		}()
-		log.Info("statements over http", "addr", ln.Addr().String())
 	}
 
-	s, err := settle.New(settle.Config{
-		Consumer:        cfg.Consumer,
-		BatchRows:       cfg.BatchRows,
-		BatchWait:       cfg.BatchWait,
-		AckWait:         cfg.AckWait,
-		RetryMin:        retryMin,
-		RetryMax:        cfg.RetryMax,
-		CustomerStreams: cfg.CustomerStreams,
-		RollupInterval:  cfg.RollupInterval,
-		LagInterval:     time.Second,
-	}, deps.Bus.NC, js, led, keys, book, verifier, m, log)
+	s, err := settle.New(scfg, settle.Deps{NC: deps.Bus.NC, JS: js, Ledger: led, Keys: keys, Prices: book, Verifier: verifier, Metrics: m, Log: log})
 	if err != nil {
 		return fmt.Errorf("settlement: %w", err)
 	}
 	return s.Run(ctx)
+}
+
+// priceBook returns the book in force: from the file, or from KV, followed
+// by a goroutine started with goFn (it returns once the value present at
+// start, if any, is in force).
+func priceBook(ctx context.Context, cfg Config, js jetstream.JetStream, log *slog.Logger, goFn func(func())) (*prices.Current, error) {
+	book := &prices.Current{}
+	if cfg.PriceFile != "" {
+		b, err := prices.Load(cfg.PriceFile)
+		if err != nil {
+			return nil, fmt.Errorf("settlement: %w", err)
+		}
+		book.Store(b)
+		log.Info("price book loaded", "file", cfg.PriceFile, "version", b.Version)
+		return book, nil
+	}
+	ready := make(chan struct{})
+	goFn(func() { watchPrices(ctx, js, book, log, ready) })
+	select {
+	case <-ready:
+	case <-ctx.Done():
+	}
+	return book, nil
+}
+
+// serveHTTP serves h on addr until ctx ends.
+func serveHTTP(ctx context.Context, addr string, h http.Handler, log *slog.Logger, goFn func(func())) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("settlement http %s: %w", addr, err)
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	goFn(func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("settlement http", "err", err)
+		}
+	})
+	goFn(func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	})
+	log.Info("statements over http", "addr", ln.Addr().String())
+	return nil
 }
 
 // retry calls f until it succeeds, backing off from lo to hi; it fails only

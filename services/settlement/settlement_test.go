@@ -3,6 +3,7 @@ package settlement_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -177,7 +178,7 @@ func TestBadEventsAreDeadLetteredNotSettled(t *testing.T) {
 	}
 	var stats struct {
 		Endpoints []struct {
-			Name string               `json:"name"`
+			Name string             `json:"name"`
 			Data settlement.Metrics `json:"data"`
 		} `json:"endpoints"`
 	}
@@ -239,4 +240,30 @@ func TestNodeKeysOutliveRegistryRecords(t *testing.T) {
 	g.start()
 	g.waitSettled(want.Events, 30*time.Second)
 	g.checkLedger(want)
+}
+
+// Unusable settings and a missing connection are refused before anything
+// starts, naming what is wrong.
+func TestRunRefusesBadConfig(t *testing.T) {
+	g := newGrid(t, nil)
+	cases := []struct {
+		want  string
+		alter func(*settlement.Config)
+	}{
+		{"batch rows 0", func(c *settlement.Config) { c.BatchRows = 0 }},
+		{"consumer name", func(c *settlement.Config) { c.Consumer = "a.b" }},
+		{"clickhouse database", func(c *settlement.Config) { c.ClickHouseDatabase = "no-dash" }},
+		{"price book", func(c *settlement.Config) { c.PriceFile = "/nonexistent/prices.json" }},
+	}
+	for _, tc := range cases {
+		cfg := g.cfg
+		tc.alter(&cfg)
+		err := settlement.Run(context.Background(), cfg, settlement.Deps{Bus: g.conn})
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: got %v", tc.want, err)
+		}
+	}
+	if err := settlement.Run(context.Background(), g.cfg, settlement.Deps{}); !errors.Is(err, settlement.ErrConfig) {
+		t.Errorf("no bus: %v", err)
+	}
 }

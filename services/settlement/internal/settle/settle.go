@@ -95,6 +95,19 @@ type Config struct {
 	LagInterval time.Duration
 }
 
+// Deps are what a Settler works with.
+type Deps struct {
+	// NC carries the customer-stream publishes; JS everything else.
+	NC       *nats.Conn
+	JS       jetstream.JetStream
+	Ledger   *ledger.Ledger
+	Keys     KeyResolver
+	Prices   *prices.Current
+	Verifier *usagesig.Verifier
+	Metrics  *metrics.Settlement
+	Log      *slog.Logger
+}
+
 // Settler runs delivery sessions until its context ends.
 type Settler struct {
 	cfg      Config
@@ -107,28 +120,40 @@ type Settler struct {
 	m        *metrics.Settlement
 	log      *slog.Logger
 
-	// next is the next sequence to handle; done is next after the last
-	// batch that completed (stored, dead-lettered and acknowledged). Only
-	// the Run goroutine touches them.
+	// next is the next sequence to handle (only the reading goroutine
+	// touches it); done is next after the last batch stored, dead-lettered
+	// and acknowledged (only the writing goroutine, between sessions the
+	// session's).
 	next, done uint64
 	// stored is the ledger's position as last known.
 	stored atomic.Uint64
 }
 
-// New returns a Settler. nc carries the customer-stream publishes.
-func New(cfg Config, nc *nats.Conn, js jetstream.JetStream, l *ledger.Ledger, keys KeyResolver, book *prices.Current, v *usagesig.Verifier, m *metrics.Settlement, log *slog.Logger) (*Settler, error) {
-	if cfg.BatchRows < 1 || cfg.BatchWait <= 0 || cfg.RetryMin <= 0 || cfg.RetryMax < cfg.RetryMin || cfg.AckWait <= 0 {
-		return nil, fmt.Errorf("settle: batch rows %d, batch wait %v, retry %v..%v, ack wait %v: %w",
-			cfg.BatchRows, cfg.BatchWait, cfg.RetryMin, cfg.RetryMax, cfg.AckWait, ErrConfig)
+// Validate reports the first unusable setting.
+func (cfg Config) Validate() error {
+	if cfg.BatchRows < 1 || cfg.BatchWait <= 0 || cfg.RetryMin <= 0 || cfg.RetryMax < cfg.RetryMin || cfg.AckWait <= 0 || cfg.RollupInterval <= 0 || cfg.LagInterval <= 0 {
+		return fmt.Errorf("settle: batch rows %d, batch wait %v, retry %v..%v, ack wait %v, rollup every %v, lag every %v: %w",
+			cfg.BatchRows, cfg.BatchWait, cfg.RetryMin, cfg.RetryMax, cfg.AckWait, cfg.RollupInterval, cfg.LagInterval, ErrConfig)
 	}
 	if err := subjects.Token(cfg.Consumer); err != nil {
-		return nil, fmt.Errorf("settle: consumer name: %w: %w", err, ErrConfig)
+		return fmt.Errorf("settle: consumer name: %w: %w", err, ErrConfig)
 	}
-	pub, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(max(4*cfg.BatchRows, 4096)))
+	return nil
+}
+
+// New returns a Settler.
+func New(cfg Config, d Deps) (*Settler, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if d.NC == nil || d.JS == nil || d.Ledger == nil || d.Keys == nil || d.Prices == nil || d.Verifier == nil || d.Metrics == nil || d.Log == nil {
+		return nil, fmt.Errorf("settle: missing dependency: %w", ErrConfig)
+	}
+	pub, err := jetstream.New(d.NC, jetstream.WithPublishAsyncMaxPending(max(4*cfg.BatchRows, 4096)))
 	if err != nil {
 		return nil, err
 	}
-	return &Settler{cfg: cfg, js: js, pub: pub, ledger: l, keys: keys, prices: book, verifier: v, m: m, log: log}, nil
+	return &Settler{cfg: cfg, js: d.JS, pub: pub, ledger: d.Ledger, keys: d.Keys, prices: d.Prices, verifier: d.Verifier, m: d.Metrics, log: d.Log}, nil
 }
 
 // Position is the ledger's position as last known (the highest USAGE
