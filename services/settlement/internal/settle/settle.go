@@ -156,10 +156,6 @@ func New(cfg Config, d Deps) (*Settler, error) {
 	return &Settler{cfg: cfg, js: d.JS, pub: pub, ledger: d.Ledger, keys: d.Keys, prices: d.Prices, verifier: d.Verifier, m: d.Metrics, log: d.Log}, nil
 }
 
-// Position is the ledger's position as last known (the highest USAGE
-// sequence stored).
-func (s *Settler) Position() uint64 { return s.stored.Load() }
-
 // Run settles until ctx ends; it returns nil then. Failures (ClickHouse or
 // NATS unavailable, a gap in delivery) end a session; the next one starts
 // after a back-off from the ledger's position.
@@ -246,8 +242,10 @@ type prepared struct {
 	// raw holds each row's event as published, for the customer streams.
 	raw  [][]byte
 	dead []deadLetter
-	// last is the batch's last message: acknowledging it acknowledges all.
-	last jetstream.Msg
+	// last is the batch's message with the highest sequence: acknowledging
+	// it acknowledges the batch (AckAll acknowledges by stream sequence).
+	last    jetstream.Msg
+	lastSeq uint64
 	// next is the sequence to handle after this batch.
 	next uint64
 }
@@ -353,13 +351,16 @@ type deadLetter struct {
 func (s *Settler) prepare(ctx context.Context, batch []jetstream.Msg) (*prepared, error) {
 	book := s.prices.Load()
 	events := make([]wire.UsageEvent, len(batch))
-	p := &prepared{rows: make([]ledger.Row, 0, len(batch)), raw: make([][]byte, 0, len(batch)), last: batch[len(batch)-1]}
+	p := &prepared{rows: make([]ledger.Row, 0, len(batch)), raw: make([][]byte, 0, len(batch))}
 	for i, m := range batch {
 		md, err := m.Metadata()
 		if err != nil {
 			return nil, fmt.Errorf("usage message on %s: %w", m.Subject(), err)
 		}
 		seq := md.Sequence.Stream
+		if seq > p.lastSeq {
+			p.last, p.lastSeq = m, seq
+		}
 		if seq < s.next {
 			s.m.Duplicates.Add(1)
 			continue
@@ -412,7 +413,6 @@ func (s *Settler) store(ctx context.Context, p *prepared) error {
 	if err := s.insert(ctx, p.rows, settledAt); err != nil {
 		return err
 	}
-	// AckAll: acknowledging the last message acknowledges the batch.
 	if err := p.last.Ack(); err != nil {
 		// Harmless: a redelivery is skipped as a duplicate.
 		s.log.Warn("ack usage batch", "err", err)
