@@ -159,33 +159,54 @@ func signedMessage(root Hash, size int) []byte {
 	return append(b, root[:]...)
 }
 
-// Signer signs batches of usage events with a node's nkey.
+// Key is a node's signing key: an executor's identity, or an nkey through
+// FromKeyPair.
+type Key interface {
+	// PublicKey is the public user nkey ("U...").
+	PublicKey() string
+	// Sign returns the ed25519 signature of data.
+	Sign(data []byte) ([]byte, error)
+}
+
+// Signer signs batches of usage events with a node's key.
 type Signer struct {
-	kp  nkeys.KeyPair
+	key Key
 	pub string
 }
 
-// NewSigner returns a Signer for kp, a user nkey (public key "U...") with
-// its seed.
-func NewSigner(kp nkeys.KeyPair) (*Signer, error) {
+// NewSigner returns a Signer for key, whose public key must be a user nkey.
+func NewSigner(key Key) (*Signer, error) {
+	pub := key.PublicKey()
+	if !nkeys.IsValidPublicUserKey(pub) {
+		return nil, fmt.Errorf("usage signer: %q is not a public user nkey", pub)
+	}
+	return &Signer{key: key, pub: pub}, nil
+}
+
+// FromKeyPair returns a Signer for an nkey pair with its seed.
+func FromKeyPair(kp nkeys.KeyPair) (*Signer, error) {
 	pub, err := kp.PublicKey()
 	if err != nil {
 		return nil, fmt.Errorf("usage signer: %w", err)
 	}
-	if !nkeys.IsValidPublicUserKey(pub) {
-		return nil, fmt.Errorf("usage signer: %s is not a user nkey", pub)
-	}
-	return &Signer{kp: kp, pub: pub}, nil
+	return NewSigner(keyPair{kp, pub})
 }
+
+type keyPair struct {
+	nkeys.KeyPair
+	pub string
+}
+
+func (k keyPair) PublicKey() string { return k.pub }
 
 // PublicKey is the signer's public nkey, the one the registry must hold for
 // the node.
 func (s *Signer) PublicKey() string { return s.pub }
 
-// SignBatch sets PublicKey and Batch on every event and signs them all with
+// SignUsage sets PublicKey and Batch on every event and signs them all with
 // one signature. Every event must be valid (wire.UsageEvent.Validate, apart
-// from the signature fields that SignBatch fills).
-func (s *Signer) SignBatch(events []wire.UsageEvent) error {
+// from the signature fields that SignUsage fills).
+func (s *Signer) SignUsage(events []*wire.UsageEvent) error {
 	n := len(events)
 	if n == 0 {
 		return nil
@@ -194,8 +215,7 @@ func (s *Signer) SignBatch(events []wire.UsageEvent) error {
 		return fmt.Errorf("sign usage: %d events, at most %d per batch", n, wire.MaxUsageBatch)
 	}
 	leaves := make([]Hash, n)
-	for i := range events {
-		ev := &events[i]
+	for i, ev := range events {
 		ev.PublicKey = s.pub
 		// Placeholders so that Validate checks everything else.
 		ev.Batch = wire.UsageBatch{Root: "-", Size: n, Index: i, Signature: "-"}
@@ -206,12 +226,12 @@ func (s *Signer) SignBatch(events []wire.UsageEvent) error {
 	}
 	proofs := make([][]Hash, n)
 	root := tree(leaves, proofs)
-	sig, err := s.kp.Sign(signedMessage(root, n))
+	sig, err := s.key.Sign(signedMessage(root, n))
 	if err != nil {
 		return fmt.Errorf("sign usage: %w", err)
 	}
 	rootS, sigS := b64.EncodeToString(root[:]), b64.EncodeToString(sig)
-	for i := range events {
+	for i, ev := range events {
 		var proof []string
 		if len(proofs[i]) > 0 {
 			proof = make([]string, len(proofs[i]))
@@ -219,9 +239,18 @@ func (s *Signer) SignBatch(events []wire.UsageEvent) error {
 				proof[j] = b64.EncodeToString(proofs[i][j][:])
 			}
 		}
-		events[i].Batch = wire.UsageBatch{Root: rootS, Size: n, Index: i, Proof: proof, Signature: sigS}
+		ev.Batch = wire.UsageBatch{Root: rootS, Size: n, Index: i, Proof: proof, Signature: sigS}
 	}
 	return nil
+}
+
+// SignBatch is SignUsage for a slice of events.
+func (s *Signer) SignBatch(events []wire.UsageEvent) error {
+	ptrs := make([]*wire.UsageEvent, len(events))
+	for i := range events {
+		ptrs[i] = &events[i]
+	}
+	return s.SignUsage(ptrs)
 }
 
 // Message returns the message that publishes ev: on subjects.UsageNode of

@@ -36,7 +36,7 @@ func newSigner(t testing.TB) *Signer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := NewSigner(kp)
+	s, err := FromKeyPair(kp)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -220,7 +220,7 @@ func TestSignBatchRejectsInvalidEvents(t *testing.T) {
 	if err := s.SignBatch(evs); err == nil {
 		t.Fatal("event with customer a.b signed")
 	}
-	if _, err := NewSigner(mustAccount(t)); err == nil {
+	if _, err := FromKeyPair(mustAccount(t)); err == nil {
 		t.Fatal("account key accepted as node key")
 	}
 }
@@ -278,5 +278,42 @@ func BenchmarkSignBatch256(b *testing.B) {
 		if err := s.SignBatch(evs); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// identity is a node key as the executor holds it: a public key and a Sign
+// method, the seed out of reach.
+type identity struct{ kp nkeys.KeyPair }
+
+func (id identity) PublicKey() string {
+	pub, _ := id.kp.PublicKey()
+	return pub
+}
+
+func (id identity) Sign(data []byte) ([]byte, error) { return id.kp.Sign(data) }
+
+// Any Key signs; SignUsage signs events in place through pointers.
+func TestSignUsageWithKey(t *testing.T) {
+	kp, _ := nkeys.CreateUser()
+	s, err := NewSigner(identity{kp})
+	if err != nil {
+		t.Fatal(err)
+	}
+	evs := sampleEvents(3)
+	ptrs := []*wire.UsageEvent{&evs[2], &evs[0], &evs[1]}
+	if err := s.SignUsage(ptrs); err != nil {
+		t.Fatal(err)
+	}
+	v := NewVerifier(16)
+	for i, ev := range ptrs {
+		if ev.Batch.Index != i || ev.PublicKey != s.PublicKey() {
+			t.Fatalf("event %d: %+v", i, ev.Batch)
+		}
+		if err := v.Verify(ev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := NewSigner(identity{mustAccount(t)}); err == nil {
+		t.Fatal("account key accepted as node key")
 	}
 }

@@ -82,7 +82,7 @@ func newNode(t testing.TB, id, supplier, device string) node {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := usagesig.NewSigner(kp)
+	s, err := usagesig.FromKeyPair(kp)
 	if err != nil {
 		t.Fatal(err)
 	}

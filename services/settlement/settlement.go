@@ -137,7 +137,20 @@ type (
 	Metrics = metrics.Snapshot
 	// Permissions are NATS publish and subscribe allow-lists.
 	Permissions = customers.Permissions
+	// UsageRow is one settled event of a request, as stored.
+	UsageRow = ledger.EventRow
 )
+
+// RequestUsage reads the settled events of request from the ledger that cfg
+// names, in sequence order (for the CLI; statements are the API).
+func RequestUsage(ctx context.Context, cfg Config, request string) ([]UsageRow, error) {
+	led, err := ledger.Open(ledger.Options{Addr: cfg.ClickHouseAddr, Database: cfg.ClickHouseDatabase, User: cfg.ClickHouseUser, Password: cfg.ClickHousePassword})
+	if err != nil {
+		return nil, fmt.Errorf("settlement: %w", err)
+	}
+	defer led.Close()
+	return led.RequestRows(ctx, request)
+}
 
 // CustomerPermissions returns the NATS permissions of customer's user: its
 // own usage consumer and inbox, nothing else (see README.md).

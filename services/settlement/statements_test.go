@@ -163,6 +163,33 @@ func TestStatementsEqualIndependentSums(t *testing.T) {
 	if _, err := g.conn.NC.Request("$SRV.PING.settlement", nil, 5*time.Second); err != nil {
 		t.Fatalf("$SRV.PING: %v", err)
 	}
+
+	// One request's rows, as the CLI prints them.
+	var wantRows []wire.UsageEvent
+	for _, e := range all {
+		if e.Request == "req-303" {
+			wantRows = append(wantRows, e)
+		}
+	}
+	rows, err := settlement.RequestUsage(context.Background(), g.cfg, "req-303")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rows) != len(wantRows) || len(rows) < 2 {
+		t.Fatalf("%d rows for req-303, want %d", len(rows), len(wantRows))
+	}
+	for i, r := range rows {
+		if i > 0 && r.Seq <= rows[i-1].Seq {
+			t.Fatalf("rows not in sequence order: %+v", rows)
+		}
+		var match bool
+		for _, e := range wantRows {
+			match = match || (e.Node == r.Node && e.LayerTokens == r.LayerTokens && e.ComputeUS == r.ComputeUS && charge(&e) == r.ChargeMicros && earning(&e) == r.EarningMicros)
+		}
+		if !match {
+			t.Fatalf("row %+v matches no published event", r)
+		}
+	}
 }
 
 // The price book in KV is followed as it changes: each row carries the

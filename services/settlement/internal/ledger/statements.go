@@ -195,3 +195,29 @@ func (l *Ledger) DistinctSeqs(ctx context.Context) (rows, seqs, ids uint64, err 
 	}
 	return rows, seqs, ids, err
 }
+
+// EventRow is one stored event, as `tessera run` prints a request's usage.
+type EventRow struct {
+	Seq                                                                                uint64
+	Node, Fragment                                                                     string
+	PromptTokens, GeneratedTokens, LayerTokens, ComputeUS, ChargeMicros, EarningMicros int64
+}
+
+// RequestRows returns the stored events of one request in sequence order.
+func (l *Ledger) RequestRows(ctx context.Context, request string) ([]EventRow, error) {
+	rows, err := l.conn.Query(ctx, l.sql(`SELECT seq, node, fragment, prompt_tokens, generated_tokens, layer_tokens, compute_us, charge_micros, earning_micros
+		FROM {db}.usage_events WHERE request = ? ORDER BY seq`), request)
+	if err != nil {
+		return nil, fmt.Errorf("clickhouse usage of request %s: %w", request, err)
+	}
+	defer rows.Close()
+	var out []EventRow
+	for rows.Next() {
+		var r EventRow
+		if err := rows.Scan(&r.Seq, &r.Node, &r.Fragment, &r.PromptTokens, &r.GeneratedTokens, &r.LayerTokens, &r.ComputeUS, &r.ChargeMicros, &r.EarningMicros); err != nil {
+			return nil, fmt.Errorf("clickhouse usage of request %s: %w", request, err)
+		}
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}

@@ -24,7 +24,7 @@ func TestCustomerUsagePayload(t *testing.T) {
 		t.Fatal(err)
 	}
 	kp, _ := nkeys.CreateUser()
-	signer, err := usagesig.NewSigner(kp)
+	signer, err := usagesig.FromKeyPair(kp)
 	if err != nil {
 		t.Fatal(err)
 	}
