@@ -2,6 +2,7 @@ package wire
 
 import (
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/tessera-grid/tessera/pkg/subjects"
@@ -38,8 +39,9 @@ type UsageEvent struct {
 	// arithmetic done (selective activation lowers both).
 	Messages int64 `json:"messages"`
 	FLOPs    int64 `json:"flops"`
-	// DeviceType is the device class that did the work ("cpu", "gpu",
-	// "nvidia-a100", ...); the price book pays suppliers per class.
+	// DeviceType is the device class that did the work: "cpu" or the GPU's
+	// product name ("NVIDIA A100-SXM4-40GB"); the price book pays suppliers
+	// per class. Printable ASCII, at most 128 bytes.
 	DeviceType string `json:"device_type"`
 	// ComputeUS is the summed compute time in microseconds.
 	ComputeUS int64     `json:"compute_us"`
@@ -106,11 +108,14 @@ var (
 func (e *UsageEvent) Validate() error {
 	for _, f := range []struct{ name, v string }{
 		{"id", e.ID}, {"request", e.Request}, {"customer", e.Customer}, {"supplier", e.Supplier},
-		{"node", e.Node}, {"model", e.Model}, {"device_type", e.DeviceType},
+		{"node", e.Node}, {"model", e.Model},
 	} {
 		if err := subjects.Token(f.v); err != nil {
 			return fmt.Errorf("usage event %.64q: %s: %w", e.ID, f.name, err)
 		}
+	}
+	if e.DeviceType == "" || len(e.DeviceType) > 128 || strings.IndexFunc(e.DeviceType, func(r rune) bool { return r < 0x20 || r > 0x7e }) >= 0 {
+		return fmt.Errorf("usage event %q: device_type %.64q: want 1 to 128 printable ASCII characters", e.ID, e.DeviceType)
 	}
 	if e.Fragment == "" || len(e.Fragment) > MaxFragmentLen {
 		return fmt.Errorf("usage event %q: fragment: want 1 to %d bytes, have %d", e.ID, MaxFragmentLen, len(e.Fragment))

@@ -1,14 +1,29 @@
 package wire
 
 import (
+	"encoding/json"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tessera-grid/tessera/schemas"
 )
 
 func TestUsageEventValidate(t *testing.T) {
 	if ev := sampleUsage(); ev.Validate() != nil {
 		t.Fatalf("sample rejected: %v", ev.Validate())
+	}
+	gpu := sampleUsage()
+	gpu.DeviceType = "NVIDIA A100-SXM4-40GB"
+	if err := gpu.Validate(); err != nil {
+		t.Fatalf("GPU product name as device type: %v", err)
+	}
+	set, err := schemas.Compile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := json.Marshal(gpu); set.Validate(SchemaUsageEvent, b) != nil {
+		t.Fatalf("schema rejects a GPU product name: %v", set.Validate(SchemaUsageEvent, b))
 	}
 	cases := []struct {
 		want  string
@@ -19,6 +34,7 @@ func TestUsageEventValidate(t *testing.T) {
 		{"model", func(e *UsageEvent) { e.Model = "m>" }},
 		{"node", func(e *UsageEvent) { e.Node = strings.Repeat("n", 129) }},
 		{"device_type", func(e *UsageEvent) { e.DeviceType = "" }},
+		{"device_type", func(e *UsageEvent) { e.DeviceType = "gpu\n" }},
 		{"fragment", func(e *UsageEvent) { e.Fragment = "" }},
 		{"generated_tokens", func(e *UsageEvent) { e.GeneratedTokens = -5 }},
 		{"compute_us", func(e *UsageEvent) { e.ComputeUS = -1 }},

@@ -123,6 +123,7 @@ func TestInvalidDocumentsAreRejected(t *testing.T) {
 		{SchemaUsageEvent, strings.Replace(usage, `"customer":"acme"`, `"customer":"a.b"`, 1), "customer"},
 		{SchemaUsageEvent, strings.Replace(usage, `"prompt_tokens":12`, `"prompt_tokens":-1`, 1), "prompt_tokens"},
 		{SchemaUsageEvent, strings.Replace(usage, `"size":2`, `"size":0`, 1), "size"},
+		{SchemaUsageEvent, strings.Replace(usage, `"device_type":"cpu"`, `"device_type":"gpu\n"`, 1), "device_type"},
 		{SchemaUsageEvent, strings.Replace(usage, `"signature":"c2lnbmF0dXJl"`, `"signature":""`, 1), "signature"},
 		{SchemaErrorResponse, `{"error":{"message":"","type":"x","param":null,"code":null}}`, "message"},
 	}

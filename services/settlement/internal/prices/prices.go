@@ -13,8 +13,9 @@
 //
 // A customer pays per 1,000 prompt and generated tokens of the model; a
 // supplier earns per million layer-tokens its device class computed plus per
-// second of compute time (GPU-second). "*" prices every model or device
-// class without an entry of its own.
+// second of compute time (GPU-second). A device class is an event's
+// device_type ("cpu", or the GPU's product name); "*" prices every model or
+// device class without an entry of its own.
 package prices
 
 import (
