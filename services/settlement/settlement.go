@@ -76,7 +76,7 @@ type Config struct {
 type Deps struct {
 	// Bus is the connection to the NATS system (required).
 	Bus *bus.Conn
-	// Log defaults to slog.Default().
+	// Log defaults to slog.Default() with service=settlement.
 	Log *slog.Logger
 	// Keys resolves nodes' public keys; nil means the registry's records in
 	// KV nodes, with every key seen kept in the ledger.
@@ -166,9 +166,8 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	}
 	log := deps.Log
 	if log == nil {
-		log = slog.Default()
+		log = slog.Default().With("service", "settlement")
 	}
-	log = log.With("service", "settlement")
 	retryMin := min(100*time.Millisecond, cfg.RetryMax)
 	scfg := settle.Config{
 		Consumer:        cfg.Consumer,
