@@ -81,6 +81,12 @@ func runGrid(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if !rc.RequireKeys && o.Router.AnonymousCustomer == "" {
 		o.Router.AnonymousCustomer = rc.DemoCustomer
 	}
+	if o.Settlement.PriceFile == "" {
+		if _, err := os.Stat("deploy/prices.json"); err == nil {
+			// The demo's price book, so that usage rows show charges.
+			o.Settlement.PriceFile = "deploy/prices.json"
+		}
+	}
 	if os.Getenv(planner.EnvPrefix+"STRATEGY") == "" {
 		// The executors of a one-machine grid share its cores: replicas add
 		// no compute here, and one pipeline over all of them shows the grid

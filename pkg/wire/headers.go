@@ -18,8 +18,8 @@ const (
 	// HdrRoute is the remaining hops after this one, "node:first:end,..."; the
 	// last hop replies to the original requester.
 	HdrRoute = "Tessera-Route"
-	// HdrPhase is "prefill" or "decode" (usage counts prompt and generated
-	// tokens apart).
+	// HdrPhase is PhasePrefill, PhaseDecode or PhaseRecompute (usage counts
+	// prompt and generated tokens apart, and bills no recomputation).
 	HdrPhase = "Tessera-Phase"
 	// HdrLogits is "last" (logits of the last row only, the default) or
 	// "all" (every row, for evaluation).
@@ -32,6 +32,16 @@ const (
 	HdrComputeUS = "Tessera-Compute-Us"
 	// HdrEventID mirrors the JetStream de-duplication header on usage events.
 	HdrMsgID = "Nats-Msg-Id"
+)
+
+// Phases of a stage request.
+const (
+	// PhasePrefill: the prompt's tokens.
+	PhasePrefill = "prefill"
+	// PhaseDecode: the one token generated last.
+	PhaseDecode = "decode"
+	// PhaseRecompute: a prefix re-run to rebuild KV caches after a failover.
+	PhaseRecompute = "recompute"
 )
 
 // Error codes carried in HdrError.

@@ -263,46 +263,6 @@ type PlanEvent struct {
 	Time           time.Time `json:"time"`
 }
 
-// UsageEvent is one executor's account of one request it served.
-type UsageEvent struct {
-	// ID is unique per (request, node, stage) and used as Nats-Msg-Id.
-	ID       string `json:"id"`
-	Request  string `json:"request"`
-	Customer string `json:"customer"`
-	Supplier string `json:"supplier"`
-	Node     string `json:"node"`
-	Model    string `json:"model"`
-	// Fragment is what was computed, e.g. "layers[0,2)+embed".
-	Fragment string `json:"fragment"`
-	// PromptTokens and GeneratedTokens are the tokens this node processed.
-	PromptTokens    int64 `json:"prompt_tokens"`
-	GeneratedTokens int64 `json:"generated_tokens"`
-	// LayerTokens is tokens × layers computed.
-	LayerTokens int64 `json:"layer_tokens"`
-	// Messages counts stage and expert requests served; FLOPs is the
-	// arithmetic done (selective activation lowers both).
-	Messages   int64  `json:"messages"`
-	FLOPs      int64  `json:"flops"`
-	DeviceType string `json:"device_type"`
-	// ComputeUS is the summed compute time in microseconds.
-	ComputeUS int64     `json:"compute_us"`
-	Start     time.Time `json:"start"`
-	End       time.Time `json:"end"`
-	// PublicKey is the signer's nkey; Signature the base64 ed25519
-	// signature. With a batch signature, Batch names the batch.
-	PublicKey string      `json:"public_key"`
-	Signature string      `json:"signature,omitempty"`
-	Batch     *UsageBatch `json:"batch,omitempty"`
-}
-
-// UsageBatch lets an executor sign many events at once: the signature covers
-// the concatenated sha256 digests of the events' canonical encodings.
-type UsageBatch struct {
-	ID        string   `json:"id"`
-	Digests   []string `json:"digests"`
-	Signature string   `json:"signature"`
-}
-
 // DeadLetter wraps a message that a service could not process.
 type DeadLetter struct {
 	Service string              `json:"service"`

@@ -33,6 +33,16 @@ func sampleHeartbeat() Heartbeat {
 
 const sha = "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696"
 
+func sampleUsage() UsageEvent {
+	return UsageEvent{
+		ID: "req-1-node-1-0", Request: "req-1", Customer: "acme", Supplier: "gpu-co", Node: "node-1", Model: "stories260k",
+		Fragment: "layers[0,5)+embed+head", PromptTokens: 12, GeneratedTokens: 30, LayerTokens: 210, Messages: 31, FLOPs: 123456,
+		DeviceType: "cpu", ComputeUS: 4200, Start: t0, End: t0.Add(time.Second), PublicKey: pub,
+		Batch: UsageBatch{Root: "K11KTQu6jD4PHi8LLhwfbi5uDAoNO4ycnWoeX4pLfA0=", Size: 2, Index: 1,
+			Proof: []string{"K11KTQu6jD4PHi8LLhwfbi5uDAoNO4ycnWoeX4pLfA0="}, Signature: "c2lnbmF0dXJl"},
+	}
+}
+
 // Every JSON message type, encoded, validates against its schema.
 func TestEveryTypeValidatesAgainstItsSchema(t *testing.T) {
 	set, err := schemas.Compile()
@@ -56,9 +66,11 @@ func TestEveryTypeValidatesAgainstItsSchema(t *testing.T) {
 			Assignments:    []Assignment{{Node: "a", First: 0, End: 2, Embed: true}, {Node: "b", First: 2, End: 5, Head: true}},
 			Stages:         []Stage{{First: 0, End: 2, Replicas: []string{"a"}}, {First: 2, End: 5, Replicas: []string{"b"}}},
 			ThroughputTokS: 100, Created: t0},
-		SchemaPlanEvent:  PlanEvent{Model: "stories260k", Version: 3, Reason: "node left", Nodes: 2, Time: t0},
-		SchemaDeadLetter: DeadLetter{Service: "settlement", Subject: "tessera.usage.node.a", Reason: "bad_signature", Error: "x", Time: t0, Data: []byte("{}"), Headers: map[string][]string{"Nats-Msg-Id": {"1"}}},
-		SchemaControl:    Control{Op: "release", Request: "r1"},
+		SchemaPlanEvent:     PlanEvent{Model: "stories260k", Version: 3, Reason: "node left", Nodes: 2, Time: t0},
+		SchemaDeadLetter:    DeadLetter{Service: "settlement", Subject: "tessera.usage.node.a", Reason: "bad_signature", Error: "x", Time: t0, Data: []byte("{}"), Headers: map[string][]string{"Nats-Msg-Id": {"1"}}},
+		SchemaControl:       Control{Op: "release", Request: "r1"},
+		SchemaUsageEvent:    sampleUsage(),
+		SchemaCustomerUsage: CustomerUsage{Event: sampleUsage(), Seq: 7, PriceVersion: 3, ChargeMicros: 1234, SettledAt: t0},
 		SchemaCompletionRequest: CompletionRequest{Model: "stories260k", Prompt: "Once upon a time", MaxTokens: ptr(60),
 			Temperature: ptr(0.0), TopP: ptr(0.9), Seed: ptr(int64(42)), Stop: Stop{"\n"}, N: ptr(1)},
 		SchemaChatRequest: ChatCompletionRequest{Model: "stories260k", Messages: []ChatMessage{{Role: "user", Content: "hi"}}, MaxTokens: ptr(10)},
@@ -78,7 +90,7 @@ func TestEveryTypeValidatesAgainstItsSchema(t *testing.T) {
 		}
 	}
 	for _, n := range schemas.Names() {
-		if !seen[n] && n != "usage_event" {
+		if !seen[n] {
 			t.Errorf("schema %s has no Go type in this test", n)
 		}
 	}
@@ -91,6 +103,8 @@ func TestInvalidDocumentsAreRejected(t *testing.T) {
 		t.Fatal(err)
 	}
 	hb, _ := json.Marshal(sampleHeartbeat())
+	ub, _ := json.Marshal(sampleUsage())
+	usage := string(ub)
 	cases := []struct {
 		schema, doc, want string
 	}{
@@ -106,6 +120,11 @@ func TestInvalidDocumentsAreRejected(t *testing.T) {
 		{SchemaPlan, `{"model":"m","version":1,"strategy":"s","layers":0,"assignments":[],"stages":[],"throughput_tok_s":0,"created":"2026-11-22T10:00:00Z"}`, "layers"},
 		{SchemaDeadLetter, `{"service":"s","subject":"x","reason":"a b","error":"e","time":"2026-11-22T10:00:00Z","data":null}`, "reason"},
 		{SchemaControl, `{"op":"explode"}`, "op"},
+		{SchemaUsageEvent, strings.Replace(usage, `"customer":"acme"`, `"customer":"a.b"`, 1), "customer"},
+		{SchemaUsageEvent, strings.Replace(usage, `"prompt_tokens":12`, `"prompt_tokens":-1`, 1), "prompt_tokens"},
+		{SchemaUsageEvent, strings.Replace(usage, `"size":2`, `"size":0`, 1), "size"},
+		{SchemaUsageEvent, strings.Replace(usage, `"device_type":"cpu"`, `"device_type":"gpu\n"`, 1), "device_type"},
+		{SchemaUsageEvent, strings.Replace(usage, `"signature":"c2lnbmF0dXJl"`, `"signature":""`, 1), "signature"},
 		{SchemaErrorResponse, `{"error":{"message":"","type":"x","param":null,"code":null}}`, "message"},
 	}
 	for _, tc := range cases {

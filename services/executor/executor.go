@@ -17,6 +17,7 @@ import (
 
 	"github.com/tessera-grid/tessera/pkg/bus"
 	"github.com/tessera-grid/tessera/pkg/subjects"
+	"github.com/tessera-grid/tessera/pkg/usagesig"
 	"github.com/tessera-grid/tessera/pkg/wire"
 	"github.com/tessera-grid/tessera/services/executor/internal/device"
 	"github.com/tessera-grid/tessera/services/executor/internal/identity"
@@ -106,9 +107,14 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if budget == 0 {
 		budget, _ = device.OfferedMemory(devices)
 	}
+	signer, err := usagesig.NewSigner(id)
+	if err != nil {
+		return err
+	}
 	n, err := node.New(node.Options{
 		ID: cfg.NodeID, Supplier: cfg.Supplier, Region: cfg.Region, DeviceType: deviceType(devices),
 		Threads: cfg.Threads, MaxBatch: cfg.MaxBatch, SessionIdle: cfg.SessionIdle, MemoryBudget: budget,
+		Signer: signer,
 	}, deps.Bus, log)
 	if err != nil {
 		return err

@@ -50,10 +50,17 @@ func (n *Node) session(j *job, man wire.ModelManifest) *session {
 func (se *session) account(j *job, took time.Duration, man wire.ModelManifest) {
 	u := &se.usage
 	rows := int64(j.rows)
-	if j.phase == "prefill" {
-		u.PromptTokens += rows
-	} else {
-		u.GeneratedTokens += rows
+	// Tokens are the customer's bill: only the stage with the head counts
+	// them, so that a request crossing several stages is billed once. Every
+	// stage counts its layer-tokens, the supplier's pay.
+	// A pass through the head yields one new token; a prompt's rows are
+	// prompt tokens, while rows re-run after a failover (phase "recompute")
+	// are not billed again.
+	if j.end == man.Config.Layers {
+		if j.phase == wire.PhasePrefill {
+			u.PromptTokens += rows
+		}
+		u.GeneratedTokens++
 	}
 	layers := int64(j.end - j.first)
 	u.LayerTokens += rows * layers

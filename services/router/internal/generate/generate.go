@@ -142,7 +142,7 @@ func (e *Engine) Generate(ctx context.Context, req Request, emit func(text strin
 	ctx, span := otel.Tracer("tessera/router").Start(ctx, "router.generate",
 		trace.WithAttributes(attribute.String("request", req.ID), attribute.String("model", req.Model), attribute.String("customer", req.Customer)))
 	defer span.End()
-	s := &session{e: e, req: req, model: m, seq: append([]int(nil), prompt...)}
+	s := &session{e: e, req: req, model: m, seq: append([]int(nil), prompt...), promptLen: len(prompt)}
 	defer s.release()
 	res := &Result{PromptTokens: len(prompt)}
 	sampler := compute.NewSampler(req.Temperature, req.TopP, req.Seed)
@@ -271,6 +271,7 @@ type session struct {
 	plan       *wire.Plan
 	route      []hop
 	seq        []int // every token so far (prompt and generated)
+	promptLen  int
 	done       int   // tokens the route's caches hold
 	recomputed int
 	failovers  int
@@ -337,9 +338,12 @@ func (s *session) send(ctx context.Context) ([]float32, string, error) {
 	for i, t := range toks {
 		in[i] = int32(t)
 	}
-	phase := "decode"
-	if len(toks) > 1 || s.done == 0 {
-		phase = "prefill"
+	phase := wire.PhaseDecode
+	switch {
+	case s.done == 0 && len(s.seq) == s.promptLen:
+		phase = wire.PhasePrefill
+	case len(toks) > 1 || s.done == 0:
+		phase = wire.PhaseRecompute
 	}
 	frame := wire.AppendI32(nil, in)
 	cfg := s.model.Manifest.Config
