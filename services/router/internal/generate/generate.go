@@ -272,7 +272,7 @@ type session struct {
 	route      []hop
 	seq        []int // every token so far (prompt and generated)
 	promptLen  int
-	done       int   // tokens the route's caches hold
+	done       int // tokens the route's caches hold
 	recomputed int
 	failovers  int
 }
