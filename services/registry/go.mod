@@ -9,11 +9,14 @@ require (
 	github.com/nats-io/nuid v1.0.1
 	github.com/tessera-grid/tessera/pkg v0.0.0
 	github.com/tessera-grid/tessera/schemas v0.0.0
+	github.com/tessera-grid/tessera/services/executor v0.0.0-00010101000000-000000000000
+	github.com/tessera-grid/tessera/services/planner v0.0.0-00010101000000-000000000000
 	go.opentelemetry.io/otel v1.47.0
 	go.opentelemetry.io/otel/metric v1.47.0
 )
 
 require (
+	github.com/NVIDIA/go-nvml v0.13.0-1 // indirect
 	github.com/antithesishq/antithesis-sdk-go v0.8.0-default-no-op // indirect
 	github.com/cenkalti/backoff/v5 v5.0.3 // indirect
 	github.com/cespare/xxhash/v2 v2.3.0 // indirect
@@ -52,4 +55,6 @@ require (
 replace (
 	github.com/tessera-grid/tessera/pkg => ../../pkg
 	github.com/tessera-grid/tessera/schemas => ../../schemas
+	github.com/tessera-grid/tessera/services/executor => ../executor
+	github.com/tessera-grid/tessera/services/planner => ../planner
 )
