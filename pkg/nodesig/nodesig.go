@@ -12,6 +12,7 @@ import (
 	"fmt"
 
 	"github.com/nats-io/nkeys"
+	voi "github.com/oasisprotocol/curve25519-voi/primitives/ed25519"
 
 	"github.com/tessera-grid/tessera/pkg/wire"
 )
@@ -55,12 +56,19 @@ func SignHeartbeat(hb *wire.Heartbeat, pub string, sign func([]byte) ([]byte, er
 	return nil
 }
 
-// PublicKey is a parsed node key: its nkey string and the raw ed25519 key,
-// so that a verifier that sees the same node often decodes its key once.
+// PublicKey is a parsed node key: its nkey string and the ed25519 key
+// expanded into the tables verification needs, so that a verifier that
+// sees the same node often (the registry, every heartbeat) pays for the
+// decoding once; verification with an expanded key takes well under half
+// the time of crypto/ed25519's.
 type PublicKey struct {
 	nkey string
-	key  ed25519.PublicKey
+	key  *voi.ExpandedPublicKey
 }
+
+// stdlib makes verification accept exactly what crypto/ed25519 accepts
+// (the signers' library), no more and no less.
+var stdlib = &voi.Options{Verify: voi.VerifyOptionsStdLib}
 
 // ParsePublicKey parses a user nkey ("U...").
 func ParsePublicKey(nkey string) (PublicKey, error) {
@@ -71,7 +79,11 @@ func ParsePublicKey(nkey string) (PublicKey, error) {
 	if err != nil || len(raw) != ed25519.PublicKeySize {
 		return PublicKey{}, fmt.Errorf("%w: %q", ErrBadPublicKey, nkey)
 	}
-	return PublicKey{nkey: nkey, key: ed25519.PublicKey(raw)}, nil
+	key, err := voi.NewExpandedPublicKey(voi.PublicKey(raw))
+	if err != nil {
+		return PublicKey{}, fmt.Errorf("%w: %q: %w", ErrBadPublicKey, nkey, err)
+	}
+	return PublicKey{nkey: nkey, key: key}, nil
 }
 
 // String is the key as an nkey.
@@ -79,10 +91,10 @@ func (k PublicKey) String() string { return k.nkey }
 
 // Verify checks that sig is the key's signature of data.
 func (k PublicKey) Verify(data, sig []byte) error {
-	if len(k.key) != ed25519.PublicKeySize {
+	if k.key == nil {
 		return fmt.Errorf("verify: %w: empty key", ErrBadPublicKey)
 	}
-	if len(sig) != ed25519.SignatureSize || !ed25519.Verify(k.key, data, sig) {
+	if len(sig) != ed25519.SignatureSize || !voi.VerifyExpandedWithOptions(k.key, data, sig, stdlib) {
 		return fmt.Errorf("verify signature by %s: %w", k.nkey, ErrBadSignature)
 	}
 	return nil
