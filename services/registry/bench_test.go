@@ -30,20 +30,8 @@ func BenchmarkHeartbeat(b *testing.B) {
 	beats := 1 + b.N/nodes
 	msgs := make([]*nats.Msg, 0, nodes*beats)
 	for i := range nodes {
-		kp, _ := nkeys.CreateUser()
-		pub, _ := kp.PublicKey()
 		id := fmt.Sprintf("n%03d", i)
-		hb := wire.Heartbeat{Node: id, Supplier: "acme", Region: "eu-west", IntervalMS: 1000, State: wire.NodeReady,
-			Devices:      []wire.Device{{Kind: "gpu", Name: "NVIDIA A100-SXM4-80GB", UUID: "GPU-" + id, MemoryTotal: 80 << 30, MemoryFree: 20 << 30, ComputeCapability: "8.0", Utilization: 63}},
-			MemoryBudget: 72 << 30, Models: []string{"m"}, Fragments: []string{"m/layer.0", "m/layer.1"},
-			Speed: []wire.SpeedSample{{Model: "m", DType: "f16", Device: "GPU-" + id, DecodeTokS: 2400, PrefillTokS: 41000}}}
-		for k := range beats {
-			hb.Seq, hb.Time = uint64(k+1), time.Now().UTC().Add(time.Duration(k)*time.Second)
-			hb.PublicKey, hb.Signature = "", ""
-			if err := nodesig.SignHeartbeat(&hb, pub, kp.Sign); err != nil {
-				b.Fatal(err)
-			}
-			data, _ := json.Marshal(&hb)
+		for _, data := range signedBeats(b, id, beats) {
 			msgs = append(msgs, &nats.Msg{Subject: subjects.Heartbeat(id), Data: data})
 		}
 	}
@@ -77,18 +65,8 @@ func BenchmarkIntake(b *testing.B) {
 	msgs := make([][]byte, 0, nodes*beats)
 	subjectsOf := make([]string, 0, nodes*beats)
 	for i := range nodes {
-		kp, _ := nkeys.CreateUser()
-		pk, _ := kp.PublicKey()
 		id := fmt.Sprintf("n%04d", i)
-		hb := wire.Heartbeat{Node: id, Supplier: "acme", Region: "eu-west", IntervalMS: 1000, State: wire.NodeReady,
-			Devices:      []wire.Device{{Kind: "gpu", Name: "NVIDIA A100-SXM4-80GB", UUID: "GPU-" + id, MemoryTotal: 80 << 30, MemoryFree: 20 << 30, ComputeCapability: "8.0", Utilization: 63}},
-			MemoryBudget: 72 << 30, Models: []string{"m"}, Fragments: []string{"m/layer.0", "m/layer.1"},
-			Speed: []wire.SpeedSample{{Model: "m", DType: "f16", Device: "GPU-" + id, DecodeTokS: 2400, PrefillTokS: 41000}}}
-		for k := range beats {
-			hb.Seq, hb.Time = uint64(k+1), time.Now().UTC().Add(time.Duration(k)*time.Second)
-			hb.PublicKey, hb.Signature = "", ""
-			_ = nodesig.SignHeartbeat(&hb, pk, kp.Sign)
-			data, _ := json.Marshal(&hb)
+		for _, data := range signedBeats(b, id, beats) {
 			msgs = append(msgs, data)
 			subjectsOf = append(subjectsOf, subjects.Heartbeat(id))
 		}
@@ -102,4 +80,29 @@ func BenchmarkIntake(b *testing.B) {
 	for r.Stats().HeartbeatsAccepted < uint64(b.N) {
 		time.Sleep(time.Millisecond)
 	}
+}
+
+// signedBeats returns a node's first n heartbeats, signed and encoded.
+func signedBeats(b *testing.B, id string, n int) [][]byte {
+	kp, _ := nkeys.CreateUser()
+	pub, _ := kp.PublicKey()
+	hb := wire.Heartbeat{Node: id, Supplier: "acme", Region: "eu-west", IntervalMS: 1000, State: wire.NodeReady,
+		Devices:      []wire.Device{{Kind: "gpu", Name: "NVIDIA A100-SXM4-80GB", UUID: "GPU-" + id, MemoryTotal: 80 << 30, MemoryFree: 20 << 30, ComputeCapability: "8.0", Utilization: 63}},
+		MemoryBudget: 72 << 30, Models: []string{"m"}, Fragments: []string{"m/layer.0", "m/layer.1"},
+		Speed: []wire.SpeedSample{{Model: "m", DType: "f16", Device: "GPU-" + id, DecodeTokS: 2400, PrefillTokS: 41000}}}
+	out := make([][]byte, 0, n)
+	t0 := time.Now().UTC()
+	for k := range n {
+		hb.Seq, hb.Time = uint64(k+1), t0.Add(time.Duration(k)*time.Second)
+		hb.PublicKey, hb.Signature = "", ""
+		if err := nodesig.SignHeartbeat(&hb, pub, kp.Sign); err != nil {
+			b.Fatal(err)
+		}
+		data, err := json.Marshal(&hb)
+		if err != nil {
+			b.Fatal(err)
+		}
+		out = append(out, data)
+	}
+	return out
 }
