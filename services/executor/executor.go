@@ -179,8 +179,15 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	hb.send("")
 	log.Info("draining", "node", cfg.NodeID, "timeout", cfg.DrainTimeout)
 	dctx, cancel := context.WithTimeout(context.Background(), cfg.DrainTimeout)
+	// A node whose connection is gone cannot finish anything: stop at once.
+	go func() {
+		for dctx.Err() == nil && !deps.Bus.NC.IsClosed() {
+			time.Sleep(20 * time.Millisecond)
+		}
+		cancel()
+	}()
 	if derr := n.WaitIdle(dctx, cfg.DrainIdle); derr != nil {
-		log.Warn("drain timed out; stopping anyway", "err", derr)
+		log.Warn("drain cut short; stopping", "err", derr)
 	}
 	cancel()
 	stopNode()

@@ -112,7 +112,13 @@ func (r *Registry) onHeartbeat(ctx context.Context, m *nats.Msg) {
 	}
 	r.mu.Lock()
 	e := r.nodes[hb.Node]
-	fullCheck := e == nil || e.seen%r.cfg.SchemaEvery == 0
+	// Each node is fully validated every SchemaEvery heartbeats, at an
+	// offset of its own, so that a burst of joins does not validate all at once.
+	seen := 0
+	if e != nil {
+		seen = e.seen
+	}
+	fullCheck := (seen+shardOf(hb.Node, r.cfg.SchemaEvery))%r.cfg.SchemaEvery == 0
 	key, known := r.bound[hb.Node]
 	r.mu.Unlock()
 	if fullCheck {

@@ -45,11 +45,15 @@ type Config struct {
 	// without being rewritten into KV nodes (telemetry is at most this many
 	// intervals old there; the registry's endpoints always have the latest).
 	RefreshBeats int `env:"REFRESH_BEATS, default=4"`
-	// Workers is how many goroutines check heartbeats (0: GOMAXPROCS).
+	// Workers is how many goroutines check heartbeats (0: 4×GOMAXPROCS,
+	// at least 16). More than there are cores keeps the cores busy while
+	// some workers wait on the round trip that binds a new node's key, so
+	// that a burst of joins becomes visible quickly.
 	Workers int `env:"WORKERS, default=0"`
-	// SchemaEvery validates a node's first heartbeat and every SchemaEvery-th
-	// after it against the JSON Schema; the others get the typed decoder's
-	// strict checks only (full validation costs more than the signature).
+	// SchemaEvery validates every SchemaEvery-th heartbeat of a node against
+	// the JSON Schema; all get the typed decoder's strict checks (unknown
+	// members, types) and explicit checks of every rule the registry relies
+	// on. Full validation costs more than the signature check.
 	SchemaEvery int `env:"SCHEMA_EVERY, default=64"`
 	// HTTPAddr serves the JSON view of the nodes (GET /nodes, /nodes/{id},
 	// /stats) when set, e.g. "127.0.0.1:8091".
@@ -89,7 +93,7 @@ func (c Config) withDefaults() Config {
 		c.RefreshBeats = 4
 	}
 	if c.Workers <= 0 {
-		c.Workers = runtime.GOMAXPROCS(0)
+		c.Workers = max(16, 4*runtime.GOMAXPROCS(0))
 	}
 	if c.SchemaEvery <= 0 {
 		c.SchemaEvery = 64
