@@ -39,7 +39,8 @@ type Config struct {
 	// silent before it is marked left (2.5: two missed beats and half an
 	// interval of grace, so a stopped node is gone within three intervals).
 	MissedBeats float64 `env:"MISSED_BEATS, default=2.5"`
-	// SweepInterval is how often silent nodes are looked for.
+	// SweepInterval is how often silent nodes are looked for (more often
+	// when a node's heartbeat interval is below ten of these).
 	SweepInterval time.Duration `env:"SWEEP_INTERVAL, default=100ms"`
 	// RefreshBeats is how many heartbeats an unchanged record may go
 	// without being rewritten into KV nodes (telemetry is at most this many
@@ -223,7 +224,7 @@ func (r *Registry) Run(ctx context.Context) error {
 	r.challenges.ctx = cctx
 	defer r.challenges.stop()
 	defer cancel()
-	t := time.NewTicker(r.cfg.SweepInterval)
+	t := time.NewTimer(r.cfg.SweepInterval)
 	defer t.Stop()
 	for {
 		select {
@@ -235,7 +236,7 @@ func (r *Registry) Run(ctx context.Context) error {
 			}
 			return nil
 		case now := <-t.C:
-			r.sweep(now)
+			t.Reset(r.sweep(now))
 			r.challenges.schedule(now)
 		}
 	}

@@ -194,15 +194,22 @@ func (r *Registry) remove(node, reason string) {
 	r.event(node, wire.MemberLeft, reason)
 }
 
-// sweep marks nodes silent for MissedBeats intervals as left.
-func (r *Registry) sweep(now time.Time) {
+// sweep marks nodes silent for MissedBeats intervals as left, and returns
+// how long to wait for the next sweep: SweepInterval, or a tenth of the
+// shortest interval among the nodes when that is less, so that no node's
+// departure is noticed more than a tenth of an interval late.
+func (r *Registry) sweep(now time.Time) time.Duration {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	next := r.cfg.SweepInterval
 	for id, e := range r.nodes {
 		if silent := now.Sub(e.lastSeen); silent > time.Duration(r.cfg.MissedBeats*float64(e.interval)) {
 			r.remove(id, fmt.Sprintf("no heartbeat for %s (%.1f intervals)", silent.Round(time.Millisecond), float64(silent)/float64(e.interval)))
+			continue
 		}
+		next = min(next, e.interval/10)
 	}
+	return max(next, 5*time.Millisecond)
 }
 
 // event publishes a membership event. Called with r.mu held, so that a
