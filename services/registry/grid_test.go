@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -267,7 +268,7 @@ func TestDrainFinishesInFlightRequest(t *testing.T) {
 	}
 }
 
-func TestWrongChallengeAnswerIsQuarantinedAndExcludedFromPlans(t *testing.T) {
+func TestWrongChallengeAnswerQuarantinesUntilItPasses(t *testing.T) {
 	g := startRegistry(t, registry.Config{ChallengeEvery: time.Hour, ChallengeRetry: time.Second, ChallengeSlack: 5 * time.Second})
 	m := importModel(t, g.client)
 	pctx, stopPlanner := context.WithCancel(context.Background())
@@ -280,7 +281,12 @@ func TestWrongChallengeAnswerIsQuarantinedAndExcludedFromPlans(t *testing.T) {
 		<-pdone
 	})
 	startExecutor(t, g, "exec-good", executor.Config{}, executor.Deps{})
-	startExecutor(t, g, "exec-bad", executor.Config{}, executor.Deps{TamperChallenge: func(out []float32) { out[0] += 1 }})
+	var honest atomic.Bool
+	startExecutor(t, g, "exec-bad", executor.Config{}, executor.Deps{TamperChallenge: func(out []float32) {
+		if !honest.Load() {
+			out[0] += 1
+		}
+	}})
 
 	g.events.wait(t, "exec-bad", wire.MemberJoined, wire.MemberQuarantined)
 	rec := waitRecord(t, g, "exec-bad", "quarantined", func(r wire.NodeRecord) bool { return r.State == wire.NodeQuarantined })
@@ -292,20 +298,27 @@ func TestWrongChallengeAnswerIsQuarantinedAndExcludedFromPlans(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bustest.CheckFor(t, 20*time.Second, 50*time.Millisecond, func() error {
-		e, err := plans.Get(context.Background(), m.ID)
-		if err != nil {
-			return err
+	planNodes := func(want ...string) func() error {
+		return func() error {
+			e, err := plans.Get(context.Background(), m.ID)
+			if err != nil {
+				return err
+			}
+			var p wire.Plan
+			if err := json.Unmarshal(e.Value(), &p); err != nil {
+				return err
+			}
+			var got []string
+			for _, a := range p.Assignments {
+				got = append(got, a.Node)
+			}
+			if !slices.Equal(got, want) || p.Assignments[len(p.Assignments)-1].End != m.Config.Layers {
+				return fmt.Errorf("plan %d assigns %+v, want the layers on %v", e.Revision(), p.Assignments, want)
+			}
+			return nil
 		}
-		var p wire.Plan
-		if err := json.Unmarshal(e.Value(), &p); err != nil {
-			return err
-		}
-		if len(p.Assignments) != 1 || p.Assignments[0].Node != "exec-good" || p.Assignments[0].End != m.Config.Layers {
-			return fmt.Errorf("plan %d assigns %+v, want all layers on exec-good", e.Revision(), p.Assignments)
-		}
-		return nil
-	})
+	}
+	bustest.CheckFor(t, 20*time.Second, 50*time.Millisecond, planNodes("exec-good"))
 	// The honest node passes its challenge and stays in.
 	bustest.CheckFor(t, 20*time.Second, 50*time.Millisecond, func() error {
 		if s := g.reg.Stats(); s.ChallengesPassed == 0 {
@@ -317,6 +330,12 @@ func TestWrongChallengeAnswerIsQuarantinedAndExcludedFromPlans(t *testing.T) {
 		t.Errorf("the honest node was quarantined: %v", kinds)
 	}
 	// The quarantine is in KV nodes too, where the planner and router read it.
+	defer func() {
+		// Once it answers correctly it is restored and planned again.
+		honest.Store(true)
+		g.events.wait(t, "exec-bad", wire.MemberJoined, wire.MemberQuarantined, wire.MemberRestored)
+		bustest.CheckFor(t, 20*time.Second, 50*time.Millisecond, planNodes("exec-bad", "exec-good"))
+	}()
 	kv, _ := g.client.JS.KeyValue(context.Background(), subjects.BucketNodes)
 	bustest.CheckFor(t, 5*time.Second, 50*time.Millisecond, func() error {
 		r, err := nodeRecord(context.Background(), kv, "exec-bad")
