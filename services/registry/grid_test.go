@@ -30,7 +30,7 @@ import (
 	"github.com/tessera-grid/tessera/services/registry"
 )
 
-const execInterval = 250 * time.Millisecond
+const execInterval = 400 * time.Millisecond
 
 // importModel imports the demo model into the grid.
 func importModel(t *testing.T, c *bus.Conn) wire.ModelManifest {
@@ -207,7 +207,9 @@ func holdsAll(m wire.ModelManifest) func(wire.NodeRecord) bool {
 }
 
 func TestDrainFinishesInFlightRequest(t *testing.T) {
-	g := startRegistry(t, registry.Config{})
+	// Liveness is not under test here (MissedBeats is generous): the only
+	// way to leave is the drain's last heartbeat.
+	g := startRegistry(t, registry.Config{MissedBeats: 8})
 	m := importModel(t, g.client)
 	e := startExecutor(t, g, "exec-d", executor.Config{DrainIdle: time.Minute, DrainTimeout: time.Minute}, executor.Deps{})
 	assignAll(t, g.client, m, "exec-d")
@@ -269,7 +271,7 @@ func TestDrainFinishesInFlightRequest(t *testing.T) {
 }
 
 func TestWrongChallengeAnswerQuarantinesUntilItPasses(t *testing.T) {
-	g := startRegistry(t, registry.Config{ChallengeEvery: time.Hour, ChallengeRetry: time.Second, ChallengeSlack: 5 * time.Second})
+	g := startRegistry(t, registry.Config{MissedBeats: 8, ChallengeEvery: time.Hour, ChallengeRetry: time.Second, ChallengeSlack: 5 * time.Second})
 	m := importModel(t, g.client)
 	pctx, stopPlanner := context.WithCancel(context.Background())
 	pdone := make(chan error, 1)

@@ -26,7 +26,9 @@ import (
 	"github.com/tessera-grid/tessera/services/registry"
 )
 
-const interval = 150 * time.Millisecond
+// interval is the fake nodes' heartbeat interval: short, yet long enough
+// that a loaded machine running the tests with -race does not miss beats.
+const interval = 300 * time.Millisecond
 
 // grid is a NATS server with a running registry.
 type grid struct {
@@ -42,30 +44,41 @@ func startRegistry(t *testing.T, cfg registry.Config) *grid {
 	s := bustest.Server(t)
 	g := &grid{srv: s, client: bustest.Connect(t, s, "test")}
 	g.events = watchEvents(t, g.client)
+	g.reg, g.http, _ = runRegistry(t, s, cfg)
+	return g
+}
+
+// runRegistry runs a registry on s until the test ends or stop is called.
+func runRegistry(t *testing.T, s *server.Server, cfg registry.Config) (reg *registry.Registry, httpAddr string, stop func()) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	addr := make(chan string, 1)
 	reg, err := registry.New(ctx, cfg, registry.Deps{Bus: bustest.Connect(t, s, "registry"), Listening: func(a string) { addr <- a }})
 	if err != nil {
 		t.Fatal(err)
 	}
-	g.reg = reg
 	done := make(chan error, 1)
 	go func() { done <- reg.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("registry: %v", err)
-		}
-	})
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("registry: %v", err)
+			}
+		})
+	}
+	t.Cleanup(stop)
 	if cfg.HTTPAddr != "" {
-		g.http = <-addr
+		httpAddr = <-addr
 	}
 	// The service answers once the registry runs.
+	client := bustest.Connect(t, s, "probe")
 	bustest.CheckFor(t, 5*time.Second, 20*time.Millisecond, func() error {
-		_, err := g.client.NC.Request(subjects.RegistryStats, nil, time.Second)
+		_, err := client.NC.Request(subjects.RegistryStats, nil, time.Second)
 		return err
 	})
-	return g
+	return reg, httpAddr, stop
 }
 
 // events collects membership events as they are published.
@@ -458,4 +471,53 @@ func TestQueries(t *testing.T) {
 	if code, body := get("/stats"); code != 200 || !strings.Contains(body, `"nodes":2`) {
 		t.Errorf("GET /stats: %d %s", code, body)
 	}
+}
+
+func TestRestartedRegistryTakesOverItsRecords(t *testing.T) {
+	s := bustest.Server(t)
+	g := &grid{srv: s, client: bustest.Connect(t, s, "test")}
+	g.events = watchEvents(t, g.client)
+	var stopFirst func()
+	// Liveness is not under test here: generous MissedBeats keep a loaded
+	// machine from flapping the node that stays.
+	g.reg, _, stopFirst = runRegistry(t, s, registry.Config{MissedBeats: 5})
+	stay, gone := newFakeNode(t, "stays"), newFakeNode(t, "goes")
+	stop := make(chan struct{})
+	wg := stay.beatUntil(t, g.client.NC, stop)
+	defer func() {
+		close(stop)
+		wg.Wait()
+	}()
+	gone.beat(t, g.client.NC)
+	g.events.wait(t, "stays", wire.MemberJoined)
+	g.events.wait(t, "goes", wire.MemberJoined)
+
+	// The registry restarts.
+	stopFirst()
+	g.reg, _, _ = runRegistry(t, g.srv, registry.Config{MissedBeats: 5})
+	// The silent node is found gone; the live one is not announced again.
+	g.events.wait(t, "goes", wire.MemberJoined, wire.MemberLeft)
+	bustest.CheckFor(t, 5*time.Second, 20*time.Millisecond, func() error {
+		rec, err := g.reg.Node("stays")
+		if err != nil {
+			return err
+		}
+		if rec.Heartbeat.Seq < 3 {
+			return fmt.Errorf("the new registry has not seen a heartbeat of stays yet")
+		}
+		return nil
+	})
+	if got := g.events.kinds("stays"); !slices.Equal(got, []string{wire.MemberJoined}) {
+		t.Errorf("events of the node that stayed: %v, want one joined", got)
+	}
+	// The new registry still holds the node id to its key.
+	intruder := newFakeNode(t, "stays")
+	before := stats(t, g.client.NC).Rejected[registry.RejectKey]
+	intruder.beat(t, g.client.NC)
+	bustest.CheckFor(t, 5*time.Second, 20*time.Millisecond, func() error {
+		if got := stats(t, g.client.NC).Rejected[registry.RejectKey]; got != before+1 {
+			return fmt.Errorf("rejected[%s] = %d, want %d", registry.RejectKey, got, before+1)
+		}
+		return nil
+	})
 }
