@@ -65,7 +65,8 @@ type Config struct {
 	// draining node counts it as finished (its requester went away).
 	DrainIdle time.Duration `env:"DRAIN_IDLE, default=10s"`
 	// SpeedTest is how long the speed test of one model may run (decode and
-	// prefill through one layer); 0 skips the test and claims no speed.
+	// prefill through one layer); a negative value skips the test and
+	// claims no speed.
 	SpeedTest time.Duration `env:"SPEED_TEST, default=1s"`
 }
 
@@ -88,6 +89,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.DrainIdle <= 0 {
 		c.DrainIdle = 10 * time.Second
+	}
+	if c.SpeedTest == 0 {
+		c.SpeedTest = time.Second
 	}
 	return c
 }
