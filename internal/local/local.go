@@ -48,6 +48,26 @@ type Options struct {
 	Log          *slog.Logger
 }
 
+// Defaults returns Options with every service's documented defaults, as
+// an empty environment gives them.
+func Defaults(ctx context.Context) (Options, error) {
+	var o Options
+	for _, c := range []struct {
+		prefix string
+		target any
+	}{
+		{"", &o.NATS}, {router.EnvPrefix, &o.Router}, {registry.EnvPrefix, &o.Registry}, {planner.EnvPrefix, &o.Planner},
+		{settlement.EnvPrefix, &o.Settlement}, {executor.EnvPrefix, &o.Executor},
+	} {
+		if err := config.LoadMap(ctx, c.prefix, c.target, nil); err != nil {
+			return o, err
+		}
+	}
+	o.Executors = 3
+	o.DataDir = "var"
+	return o, nil
+}
+
 // Grid is a running local grid.
 type Grid struct {
 	opts   Options
@@ -175,7 +195,8 @@ func (g *Grid) Kill(name string) error {
 	}
 	r.conn.NC.Close()
 	r.cancel()
-	<-r.done
+	// A dead process does not wind down: leave the goroutine to fail on its
+	// closed connection without waiting for it.
 	return nil
 }
 

@@ -98,8 +98,8 @@ type Item struct {
 // scratch holds Forward's working buffers, grown to the largest batch seen.
 type scratch struct {
 	x, xb, xb2, q, k, v, att, h1, h3, logitsIn []float32
-	rowPos                                      []int
-	rowItem                                     []int
+	rowPos                                     []int
+	rowItem                                    []int
 }
 
 func grow(b []float32, n int) []float32 {

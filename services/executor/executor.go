@@ -72,7 +72,7 @@ type Config struct {
 
 // withDefaults fills the fields a zero Config leaves unset.
 func (c Config) withDefaults() Config {
-	if c.HeartbeatInterval <= 0 {
+	if c.HeartbeatInterval == 0 {
 		c.HeartbeatInterval = 2 * time.Second
 	}
 	if c.StateDir == "" {
@@ -115,6 +115,14 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	log := deps.Log
 	if log == nil {
 		log = slog.Default()
+	}
+	for name, v := range map[string]string{"SUPPLIER": cfg.Supplier, "REGION": cfg.Region} {
+		if err := subjects.Token(v); err != nil {
+			return fmt.Errorf("%s%s: %w", EnvPrefix, name, err)
+		}
+	}
+	if cfg.HeartbeatInterval <= 0 {
+		return fmt.Errorf("%sHEARTBEAT_INTERVAL must be positive, got %v", EnvPrefix, cfg.HeartbeatInterval)
 	}
 	seed := cfg.IdentitySeed
 	if seed == "" {

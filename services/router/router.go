@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/tessera-grid/tessera/pkg/bus"
+	"github.com/tessera-grid/tessera/services/router/internal/admission"
 	"github.com/tessera-grid/tessera/services/router/internal/api"
 	"github.com/tessera-grid/tessera/services/router/internal/auth"
 	"github.com/tessera-grid/tessera/services/router/internal/generate"
@@ -35,10 +36,27 @@ type Config struct {
 	AnonymousCustomer string `env:"ANONYMOUS_CUSTOMER"`
 	// StageTimeout bounds one pass through the route before failover.
 	StageTimeout time.Duration `env:"STAGE_TIMEOUT, default=10s"`
+	// FailoverWait is how long a request whose route broke waits for a new
+	// route (a replica, or the re-plan after a node left).
+	FailoverWait time.Duration `env:"FAILOVER_WAIT, default=30s"`
+	// Region is where this router runs; nodes in other regions cost
+	// RegionLatency more per hop when routes are chosen.
+	Region        string        `env:"REGION, default=local"`
+	RegionLatency time.Duration `env:"REGION_LATENCY, default=20ms"`
 	// RequestTimeout bounds a whole request.
 	RequestTimeout time.Duration `env:"REQUEST_TIMEOUT, default=5m"`
 	// DefaultMaxTokens applies when a request gives none.
 	DefaultMaxTokens int `env:"DEFAULT_MAX_TOKENS, default=16"`
+	// CustomerConcurrency caps each customer's requests running at once
+	// (0: unlimited); an API key may override it.
+	CustomerConcurrency int `env:"CUSTOMER_CONCURRENCY, default=16"`
+	// CustomerTokensPerMinute caps each customer's prompt plus completion
+	// tokens per minute (0: unlimited); an API key may override it.
+	CustomerTokensPerMinute int `env:"CUSTOMER_TOKENS_PER_MINUTE, default=0"`
+	// QueueSize bounds the requests waiting for a concurrency slot.
+	QueueSize int `env:"QUEUE_SIZE, default=256"`
+	// QueueWait is the longest a request waits in the queue before a 429.
+	QueueWait time.Duration `env:"QUEUE_WAIT, default=30s"`
 	// MaxBody caps HTTP request bodies, in bytes.
 	MaxBody int64 `env:"MAX_BODY, default=1048576"`
 }
@@ -67,8 +85,9 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		return err
 	}
 	srv := &api.Server{
-		Engine: generate.New(deps.Bus, view, log, cfg.StageTimeout), View: view, Auth: keys, Log: log,
+		Engine: generate.New(deps.Bus, view, log, cfg.StageTimeout, cfg.FailoverWait, generate.RouteCosts{Region: cfg.Region, RegionLatency: cfg.RegionLatency}), View: view, Auth: keys, Log: log,
 		MaxBody: cfg.MaxBody, DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout,
+		Admission: admission.New(admission.Limits{Concurrent: cfg.CustomerConcurrency, TokensPerMinute: cfg.CustomerTokensPerMinute}, cfg.QueueSize, cfg.QueueWait),
 	}
 	ms, err := srv.AddNATS(deps.Bus.NC, Version)
 	if err != nil {
@@ -103,13 +122,17 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	return nil
 }
 
-// AddKey stores an API key for customer in the grid js connects to.
-func AddKey(ctx context.Context, b *bus.Conn, key, customer, label string) error {
+// Limits are a customer's quotas (zero fields: unlimited).
+type Limits = admission.Limits
+
+// AddKey stores an API key for customer in the grid b connects to, with
+// optional quota overrides.
+func AddKey(ctx context.Context, b *bus.Conn, key, customer, label string, limits *Limits) error {
 	s, err := auth.Open(ctx, b.JS, "")
 	if err != nil {
 		return err
 	}
-	return s.Add(ctx, key, customer, label)
+	return s.Add(ctx, key, customer, label, limits)
 }
 
 // NewKey returns a fresh random API key.

@@ -62,4 +62,3 @@ func CheckFor(t testing.TB, timeout, interval time.Duration, f func() error) {
 		time.Sleep(interval)
 	}
 }
-

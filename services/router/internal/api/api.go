@@ -11,19 +11,29 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/tessera-grid/tessera/pkg/wire"
+	"github.com/tessera-grid/tessera/services/router/internal/admission"
 	"github.com/tessera-grid/tessera/services/router/internal/generate"
 	"github.com/tessera-grid/tessera/services/router/internal/grid"
 )
 
-// Authenticator maps a request's API key to a customer id.
+// Principal is who a request is from.
+type Principal struct {
+	Customer string
+	// Limits overrides the default quotas when set.
+	Limits *admission.Limits
+}
+
+// Authenticator maps a request's API key to its principal.
 type Authenticator interface {
-	// Customer returns the customer of the bearer token (empty when absent).
-	Customer(ctx context.Context, token string) (string, error)
+	// Principal returns the principal of the bearer token (empty when absent).
+	Principal(ctx context.Context, token string) (Principal, error)
 }
 
 // ErrUnauthorized is returned by an Authenticator for a missing or bad key.
@@ -35,6 +45,8 @@ type Server struct {
 	View   *grid.View
 	Auth   Authenticator
 	Log    *slog.Logger
+	// Admission enforces quotas; nil admits everything.
+	Admission *admission.Controller
 	// MaxBody caps request bodies in bytes.
 	MaxBody int64
 	// DefaultMaxTokens applies when a request gives none (OpenAI: 16).
@@ -57,10 +69,11 @@ func (s *Server) Handler() http.Handler {
 
 // apiError is an error with its HTTP status and OpenAI type and code.
 type apiError struct {
-	status int
-	typ    string
-	code   string
-	msg    string
+	status     int
+	typ        string
+	code       string
+	msg        string
+	retryAfter time.Duration
 }
 
 func (e *apiError) Error() string { return e.msg }
@@ -79,6 +92,10 @@ func classify(err error) *apiError {
 		return &apiError{status: http.StatusNotFound, typ: "invalid_request_error", code: "model_not_found", msg: err.Error()}
 	case errors.Is(err, generate.ErrBadRequest):
 		return &apiError{status: http.StatusBadRequest, typ: "invalid_request_error", code: "invalid_request", msg: err.Error()}
+	case errors.Is(err, admission.ErrLimited):
+		var l *admission.Limited
+		errors.As(err, &l)
+		return &apiError{status: http.StatusTooManyRequests, typ: "rate_limit_error", code: "rate_limit_exceeded", msg: err.Error(), retryAfter: l.RetryAfter}
 	case errors.Is(err, ErrUnauthorized):
 		return &apiError{status: http.StatusUnauthorized, typ: "invalid_request_error", code: "invalid_api_key", msg: err.Error()}
 	case errors.Is(err, generate.ErrUnavailable), errors.Is(err, grid.ErrNoPlan):
@@ -98,17 +115,22 @@ func writeError(w http.ResponseWriter, status int, typ, code, msg string) {
 	_ = json.NewEncoder(w).Encode(wire.ErrorResponse{Error: wire.ErrorBody{Message: msg, Type: typ, Code: &c}})
 }
 
-func writeAPIError(w http.ResponseWriter, e *apiError) { writeError(w, e.status, e.typ, e.code, e.msg) }
+func writeAPIError(w http.ResponseWriter, e *apiError) {
+	if e.retryAfter > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(e.retryAfter.Seconds()))))
+	}
+	writeError(w, e.status, e.typ, e.code, e.msg)
+}
 
-// authenticate returns the request's customer or writes a 401.
-func (s *Server) authenticate(w http.ResponseWriter, r *http.Request) (string, bool) {
+// authenticate returns the request's principal or writes a 401.
+func (s *Server) authenticate(w http.ResponseWriter, r *http.Request) (Principal, bool) {
 	token, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	cust, err := s.Auth.Customer(r.Context(), strings.TrimSpace(token))
+	p, err := s.Auth.Principal(r.Context(), strings.TrimSpace(token))
 	if err != nil {
 		writeAPIError(w, classify(err))
-		return "", false
+		return Principal{}, false
 	}
-	return cust, true
+	return p, true
 }
 
 func (s *Server) models(w http.ResponseWriter, r *http.Request) {
@@ -175,7 +197,7 @@ func (s *Server) toRequest(model, prompt string, maxTokens *int, temperature, to
 }
 
 func (s *Server) completions(w http.ResponseWriter, r *http.Request) {
-	cust, ok := s.authenticate(w, r)
+	who, ok := s.authenticate(w, r)
 	if !ok {
 		return
 	}
@@ -189,23 +211,26 @@ func (s *Server) completions(w http.ResponseWriter, r *http.Request) {
 		writeAPIError(w, e)
 		return
 	}
-	req.Customer = cust
-	s.serve(w, r, req, body.Stream, body.StreamOptions, completionShape{})
+	req.Customer = who.Customer
+	s.serve(w, r, req, who, body.Stream, body.StreamOptions, completionShape{})
 }
 
 // serve runs req and writes either one JSON response or an SSE stream.
-func (s *Server) serve(w http.ResponseWriter, r *http.Request, req generate.Request, stream bool, so *wire.StreamOptions, shape responseShape) {
+func (s *Server) serve(w http.ResponseWriter, r *http.Request, req generate.Request, who Principal, stream bool, so *wire.StreamOptions, shape responseShape) {
 	ctx := r.Context()
 	if s.RequestTimeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, s.RequestTimeout)
 		defer cancel()
 	}
-	// Reject bad requests before any stream starts.
-	if _, _, err := s.Engine.Validate(&req); err != nil {
+	// Reject bad and over-quota requests before any stream starts.
+	ticket, err := s.admit(ctx, &req, who)
+	if err != nil {
 		writeAPIError(w, classify(err))
 		return
 	}
+	used := 0
+	defer func() { ticket.Done(used) }()
 	created := time.Now().Unix()
 	if !stream {
 		res, err := s.Engine.Generate(ctx, req, nil)
@@ -213,6 +238,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, req generate.Requ
 			writeAPIError(w, classify(err))
 			return
 		}
+		used = res.PromptTokens + len(res.Tokens)
 		writeJSON(w, http.StatusOK, shape.full(req, res, created))
 		return
 	}
@@ -242,12 +268,25 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, req generate.Requ
 		fl.Flush()
 		return
 	}
+	used = res.PromptTokens + len(res.Tokens)
 	send(shape.end(req, res, created, so != nil && so.IncludeUsage))
 	if so != nil && so.IncludeUsage {
 		send(shape.usage(req, res, created))
 	}
 	fmt.Fprint(w, "data: [DONE]\n\n")
 	fl.Flush()
+}
+
+// admit validates req and reserves its tokens under who's quotas.
+func (s *Server) admit(ctx context.Context, req *generate.Request, who Principal) (*admission.Ticket, error) {
+	_, prompt, err := s.Engine.Validate(req)
+	if err != nil {
+		return nil, err
+	}
+	if s.Admission == nil {
+		return admission.New(admission.Limits{}, 0, 0).Admit(ctx, who.Customer, 0, nil)
+	}
+	return s.Admission.Admit(ctx, who.Customer, len(prompt)+req.MaxTokens, who.Limits)
 }
 
 func usageOf(res *generate.Result) *wire.Usage {

@@ -34,7 +34,7 @@ func ChatPrompt(msgs []wire.ChatMessage) (string, *apiError) {
 }
 
 func (s *Server) chatCompletions(w http.ResponseWriter, r *http.Request) {
-	cust, ok := s.authenticate(w, r)
+	who, ok := s.authenticate(w, r)
 	if !ok {
 		return
 	}
@@ -58,8 +58,8 @@ func (s *Server) chatCompletions(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	req.ID = "chatcmpl-" + strings.TrimPrefix(req.ID, "cmpl-")
-	req.Customer = cust
-	s.serve(w, r, req, body.Stream, body.StreamOptions, chatShape{})
+	req.Customer = who.Customer
+	s.serve(w, r, req, who, body.Stream, body.StreamOptions, chatShape{})
 }
 
 type chatShape struct{}

@@ -3,6 +3,8 @@ package api
 import (
 	"context"
 	"encoding/json"
+	"math"
+	"strconv"
 	"strings"
 	"time"
 
@@ -48,25 +50,24 @@ func (s *Server) AddNATS(nc *nats.Conn, version string) (micro.Service, error) {
 func natsError(r micro.Request, e *apiError) {
 	c := e.code
 	b, _ := json.Marshal(wire.ErrorResponse{Error: wire.ErrorBody{Message: e.msg, Type: e.typ, Code: &c}})
-	_ = r.Error(itoa(e.status), e.msg, b)
-}
-
-func itoa(i int) string {
-	b, _ := json.Marshal(i)
-	return string(b)
-}
-
-func (s *Server) natsCustomer(r micro.Request) (string, *apiError) {
-	token, _ := strings.CutPrefix(r.Headers().Get("Authorization"), "Bearer ")
-	cust, err := s.Auth.Customer(context.Background(), strings.TrimSpace(token))
-	if err != nil {
-		return "", classify(err)
+	var opts []micro.RespondOpt
+	if e.retryAfter > 0 {
+		opts = append(opts, micro.WithHeaders(micro.Headers{"Retry-After": []string{strconv.Itoa(int(math.Ceil(e.retryAfter.Seconds())))}}))
 	}
-	return cust, nil
+	_ = r.Error(strconv.Itoa(e.status), e.msg, b, opts...)
+}
+
+func (s *Server) natsPrincipal(r micro.Request) (Principal, *apiError) {
+	token, _ := strings.CutPrefix(r.Headers().Get("Authorization"), "Bearer ")
+	p, err := s.Auth.Principal(context.Background(), strings.TrimSpace(token))
+	if err != nil {
+		return Principal{}, classify(err)
+	}
+	return p, nil
 }
 
 func (s *Server) natsCompletion(r micro.Request) {
-	cust, e := s.natsCustomer(r)
+	who, e := s.natsPrincipal(r)
 	if e != nil {
 		natsError(r, e)
 		return
@@ -81,12 +82,12 @@ func (s *Server) natsCompletion(r micro.Request) {
 		natsError(r, e)
 		return
 	}
-	req.Customer = cust
-	s.natsServe(r, req, body.Stream, completionShape{})
+	req.Customer = who.Customer
+	s.natsServe(r, req, who, body.Stream, completionShape{})
 }
 
 func (s *Server) natsChat(r micro.Request) {
-	cust, e := s.natsCustomer(r)
+	who, e := s.natsPrincipal(r)
 	if e != nil {
 		natsError(r, e)
 		return
@@ -106,19 +107,26 @@ func (s *Server) natsChat(r micro.Request) {
 		natsError(r, e)
 		return
 	}
-	req.Customer = cust
-	s.natsServe(r, req, body.Stream, chatShape{})
+	req.Customer = who.Customer
+	s.natsServe(r, req, who, body.Stream, chatShape{})
 }
 
 // natsServe generates req; with stream set, chunks go to the subject named
 // in the Tessera-Stream-Inbox header.
-func (s *Server) natsServe(r micro.Request, req generate.Request, stream bool, shape responseShape) {
+func (s *Server) natsServe(r micro.Request, req generate.Request, who Principal, stream bool, shape responseShape) {
 	ctx := context.Background()
 	if s.RequestTimeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, s.RequestTimeout)
 		defer cancel()
 	}
+	ticket, err := s.admit(ctx, &req, who)
+	if err != nil {
+		natsError(r, classify(err))
+		return
+	}
+	used := 0
+	defer func() { ticket.Done(used) }()
 	created := time.Now().Unix()
 	var emit func(string, int)
 	if stream {
@@ -138,5 +146,6 @@ func (s *Server) natsServe(r micro.Request, req generate.Request, stream bool, s
 		natsError(r, classify(err))
 		return
 	}
+	used = res.PromptTokens + len(res.Tokens)
 	_ = r.RespondJSON(shape.full(req, res, created))
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tessera-grid/tessera/pkg/subjects"
+	"github.com/tessera-grid/tessera/services/router/internal/admission"
 	"github.com/tessera-grid/tessera/services/router/internal/api"
 )
 
@@ -25,6 +26,8 @@ type Key struct {
 	Created  time.Time `json:"created"`
 	// Label is a human note ("demo", "ci").
 	Label string `json:"label,omitempty"`
+	// Limits overrides the router's default quotas for this key's customer.
+	Limits *admission.Limits `json:"limits,omitempty"`
 }
 
 // Hash is the bucket key of an API key.
@@ -51,8 +54,8 @@ type Store struct {
 }
 
 type cached struct {
-	customer string
-	at       time.Time
+	p  api.Principal
+	at time.Time
 }
 
 var _ api.Authenticator = (*Store)(nil)
@@ -66,44 +69,45 @@ func Open(ctx context.Context, js jetstream.JetStream, anonymous string) (*Store
 	return &Store{kv: kv, Anonymous: anonymous, cache: map[string]cached{}}, nil
 }
 
-// Add stores key for customer.
-func (s *Store) Add(ctx context.Context, key, customer, label string) error {
+// Add stores key for customer, with optional quota overrides.
+func (s *Store) Add(ctx context.Context, key, customer, label string, limits *admission.Limits) error {
 	if err := subjects.Token(customer); err != nil {
 		return fmt.Errorf("customer id: %w", err)
 	}
-	b, _ := json.Marshal(Key{Customer: customer, Created: time.Now().UTC(), Label: label})
+	b, _ := json.Marshal(Key{Customer: customer, Created: time.Now().UTC(), Label: label, Limits: limits})
 	_, err := s.kv.Put(ctx, Hash(key), b)
 	return err
 }
 
-// Customer returns the customer of token.
-func (s *Store) Customer(ctx context.Context, token string) (string, error) {
+// Principal returns the principal of token.
+func (s *Store) Principal(ctx context.Context, token string) (api.Principal, error) {
 	if token == "" {
 		if s.Anonymous != "" {
-			return s.Anonymous, nil
+			return api.Principal{Customer: s.Anonymous}, nil
 		}
-		return "", fmt.Errorf("%w: no API key given (send Authorization: Bearer <key>)", api.ErrUnauthorized)
+		return api.Principal{}, fmt.Errorf("%w: no API key given (send Authorization: Bearer <key>)", api.ErrUnauthorized)
 	}
 	h := Hash(token)
 	s.mu.Lock()
 	c, ok := s.cache[h]
 	s.mu.Unlock()
 	if ok && time.Since(c.at) < 10*time.Second {
-		return c.customer, nil
+		return c.p, nil
 	}
 	e, err := s.kv.Get(ctx, h)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return "", fmt.Errorf("%w: the API key is not known", api.ErrUnauthorized)
+		return api.Principal{}, fmt.Errorf("%w: the API key is not known", api.ErrUnauthorized)
 	}
 	if err != nil {
-		return "", err
+		return api.Principal{}, err
 	}
 	var k Key
 	if err := json.Unmarshal(e.Value(), &k); err != nil {
-		return "", err
+		return api.Principal{}, err
 	}
+	p := api.Principal{Customer: k.Customer, Limits: k.Limits}
 	s.mu.Lock()
-	s.cache[h] = cached{customer: k.Customer, at: time.Now()}
+	s.cache[h] = cached{p: p, at: time.Now()}
 	s.mu.Unlock()
-	return k.Customer, nil
+	return p, nil
 }

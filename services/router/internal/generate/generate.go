@@ -69,15 +69,28 @@ type Engine struct {
 	view         *grid.View
 	log          *slog.Logger
 	stageTimeout time.Duration
+	failoverWait time.Duration
+	costs        RouteCosts
 	health       *health
 }
 
-// New returns an engine over the grid view.
-func New(b *bus.Conn, view *grid.View, log *slog.Logger, stageTimeout time.Duration) *Engine {
+// New returns an engine over the grid view. stageTimeout bounds one pass
+// through a route; failoverWait is how long a request whose route broke
+// waits for a new one.
+func New(b *bus.Conn, view *grid.View, log *slog.Logger, stageTimeout, failoverWait time.Duration, costs RouteCosts) *Engine {
 	if stageTimeout <= 0 {
 		stageTimeout = 10 * time.Second
 	}
-	return &Engine{bus: b, view: view, log: log, stageTimeout: stageTimeout, health: newHealth()}
+	if failoverWait <= 0 {
+		failoverWait = 30 * time.Second
+	}
+	if costs.HopOverhead <= 0 {
+		costs.HopOverhead = 100 * time.Microsecond
+	}
+	if costs.DefaultLayerTime <= 0 {
+		costs.DefaultLayerTime = time.Millisecond
+	}
+	return &Engine{bus: b, view: view, log: log, stageTimeout: stageTimeout, failoverWait: failoverWait, costs: costs, health: newHealth()}
 }
 
 // NewID returns a random request id.
@@ -266,17 +279,29 @@ type session struct {
 // step sends the tokens the route has not seen and returns the logits of
 // the last one, re-routing (and re-running the prefix) on failure.
 func (s *session) step(ctx context.Context) ([]float32, error) {
-	const maxAttempts = 6
+	const maxAttempts = 8
 	var lastErr error
-	for attempt := 0; attempt < maxAttempts; attempt++ {
+	deadline := time.Now().Add(s.e.failoverWait)
+	for attempt := 0; attempt < maxAttempts; {
 		if s.route == nil {
 			if err := s.pickRoute(); err != nil {
-				if lastErr != nil {
-					return nil, fmt.Errorf("%w (after: %v)", err, lastErr)
+				// After a failure, wait for the grid to heal (a re-plan, a
+				// node back from back-off) instead of failing the request.
+				if lastErr == nil || !errors.Is(err, ErrUnavailable) || time.Now().After(deadline) {
+					if lastErr != nil {
+						return nil, fmt.Errorf("%w (after: %v)", err, lastErr)
+					}
+					return nil, err
 				}
-				return nil, err
+				select {
+				case <-ctx.Done():
+					return nil, ctx.Err()
+				case <-time.After(50 * time.Millisecond):
+				}
+				continue
 			}
 		}
+		attempt++
 		logits, failed, err := s.send(ctx)
 		if err == nil {
 			return logits, nil
@@ -284,14 +309,15 @@ func (s *session) step(ctx context.Context) ([]float32, error) {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
+		if errors.Is(err, ErrBadRequest) {
+			return nil, err
+		}
 		lastErr = err
 		s.e.log.Warn("stage failed; re-routing", "request", s.req.ID, "node", failed, "err", err)
 		if failed != "" {
 			s.e.health.fail(failed)
 		}
-		if s.done > 0 {
-			s.recomputed += s.done
-		}
+		s.recomputed += s.done
 		s.failovers++
 		for _, hp := range s.route {
 			s.e.health.releaseNode(hp.node)
@@ -301,133 +327,77 @@ func (s *session) step(ctx context.Context) ([]float32, error) {
 	return nil, fmt.Errorf("%w: %v", ErrUnavailable, lastErr)
 }
 
-// send runs the tokens seq[done:] through the route.
+// send runs the tokens seq[done:] through the route, one hop at a time:
+// the router sends each stage its input and takes its output back, so that
+// executors only answer requests and never address each other (they need no
+// permission to publish work to another node).
 func (s *session) send(ctx context.Context) ([]float32, string, error) {
 	toks := s.seq[s.done:]
 	in := make([]int32, len(toks))
 	for i, t := range toks {
 		in[i] = int32(t)
 	}
-	first := s.route[0]
-	msg := nats.NewMsg(subjects.Stage(first.node))
-	h := msg.Header
-	h.Set(wire.HdrRequest, s.req.ID)
-	h.Set(wire.HdrModel, s.req.Model)
-	h.Set(wire.HdrPlan, strconv.FormatUint(s.plan.Version, 10))
-	h.Set(wire.HdrCustomer, s.req.Customer)
-	h.Set(wire.HdrPos, strconv.Itoa(s.done))
-	h.Set(wire.HdrRange, fmt.Sprintf("%d:%d", first.first, first.end))
 	phase := "decode"
-	if s.done < len(s.seq)-1 || s.done == 0 {
+	if len(toks) > 1 || s.done == 0 {
 		phase = "prefill"
 	}
-	h.Set(wire.HdrPhase, phase)
-	if len(s.route) > 1 {
-		var rest []string
-		for _, hp := range s.route[1:] {
-			rest = append(rest, fmt.Sprintf("%s:%d:%d", hp.node, hp.first, hp.end))
-		}
-		h.Set(wire.HdrRoute, strings.Join(rest, ","))
-	}
-	msg.Data = wire.AppendI32(nil, in)
-	telemetry.Inject(ctx, msg)
-	timeout := s.e.stageTimeout + time.Duration(len(in))*10*time.Millisecond
-	rctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	reply, err := s.e.bus.NC.RequestMsgWithContext(rctx, msg)
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil, "", ctx.Err()
-		}
-		// Which hop failed is unknown: find the dead one by asking the registry's view.
-		return nil, s.suspect(), fmt.Errorf("route %v: %w", s.route, err)
-	}
-	if e := reply.Header.Get(wire.HdrError); e != "" {
-		node := reply.Header.Get(wire.HdrNode)
-		if strings.HasPrefix(e, wire.ErrCodeKVMiss) {
-			// A replica without our cache: re-run the prefix (not a node fault).
-			node = ""
-		}
-		if strings.HasPrefix(e, wire.ErrCodeBadRequest) {
-			return nil, "", fmt.Errorf("%w: %s", ErrBadRequest, e)
-		}
-		return nil, node, fmt.Errorf("node %s: %s", node, e)
-	}
-	f, err := wire.DecodeFrame(reply.Data)
-	if err != nil {
-		return nil, reply.Header.Get(wire.HdrNode), err
-	}
-	logits, err := f.F32(nil)
-	if err != nil || f.Cols != s.model.Manifest.Config.Vocab {
-		return nil, reply.Header.Get(wire.HdrNode), fmt.Errorf("bad logits frame %d×%d: %v", f.Rows, f.Cols, err)
-	}
-	s.done = len(s.seq)
-	return logits[len(logits)-f.Cols:], "", nil
-}
-
-// suspect returns the first node of the route the grid no longer lists as
-// live, or the first hop when all look alive.
-func (s *session) suspect() string {
-	for _, hp := range s.route {
-		if r, ok := s.e.view.Node(hp.node); !ok || r.State != wire.NodeReady {
-			return hp.node
-		}
-	}
-	// All listed: probe each with a no-op control request.
-	for _, hp := range s.route {
-		m := nats.NewMsg(subjects.Control(hp.node))
-		m.Data = []byte(`{"op":"release","request":"probe"}`)
-		if _, err := s.e.bus.NC.RequestMsg(m, 500*time.Millisecond); err != nil {
-			return hp.node
-		}
-	}
-	return ""
-}
-
-// pickRoute chooses, for each stage of the current plan, the healthiest
-// least-loaded replica that holds the stage's fragments.
-func (s *session) pickRoute() error {
-	m, err := s.e.view.Model(s.req.Model)
-	if err != nil {
-		return err
-	}
-	if m.Plan == nil || len(m.Plan.Stages) == 0 {
-		return fmt.Errorf("%w: model %s has no plan yet", ErrUnavailable, s.req.Model)
-	}
-	// A request keeps the plan it started with unless its route breaks.
-	if s.plan == nil || s.route == nil {
-		s.plan = m.Plan
-	}
-	var route []hop
-	for _, st := range s.plan.Stages {
-		best, bestScore := "", 0.0
-		for _, id := range st.Replicas {
-			r, ok := s.e.view.Node(id)
-			if !ok || r.State != wire.NodeReady || !holds(r, s.req.Model, st.First, st.End, s.plan.Layers) {
-				continue
+	frame := wire.AppendI32(nil, in)
+	cfg := s.model.Manifest.Config
+	for i, hp := range s.route {
+		msg := nats.NewMsg(subjects.Stage(hp.node))
+		h := msg.Header
+		h.Set(wire.HdrRequest, s.req.ID)
+		h.Set(wire.HdrModel, s.req.Model)
+		h.Set(wire.HdrPlan, strconv.FormatUint(s.plan.Version, 10))
+		h.Set(wire.HdrCustomer, s.req.Customer)
+		h.Set(wire.HdrPos, strconv.Itoa(s.done))
+		h.Set(wire.HdrRange, fmt.Sprintf("%d:%d", hp.first, hp.end))
+		h.Set(wire.HdrPhase, phase)
+		msg.Data = frame
+		telemetry.Inject(ctx, msg)
+		rctx, cancel := context.WithTimeout(ctx, s.e.stageTimeout+time.Duration(len(in))*10*time.Millisecond)
+		reply, err := s.e.bus.NC.RequestMsgWithContext(rctx, msg)
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, "", ctx.Err()
 			}
-			score := s.e.health.penalty(id) + float64(r.Heartbeat.QueueDepth) + float64(s.e.health.inflight(id))
-			if best == "" || score < bestScore {
-				best, bestScore = id, score
+			return nil, hp.node, fmt.Errorf("node %s: %w", hp.node, err)
+		}
+		if e := reply.Header.Get(wire.HdrError); e != "" {
+			switch {
+			case strings.HasPrefix(e, wire.ErrCodeKVMiss):
+				// A replica without our cache: re-run the prefix (not a node fault).
+				return nil, "", fmt.Errorf("node %s: %s", hp.node, e)
+			case strings.HasPrefix(e, wire.ErrCodeBadRequest):
+				return nil, "", fmt.Errorf("%w: %s", ErrBadRequest, e)
 			}
+			return nil, hp.node, fmt.Errorf("node %s: %s", hp.node, e)
 		}
-		if best == "" {
-			return fmt.Errorf("%w: no live replica holds layers [%d,%d) of %s", ErrUnavailable, st.First, st.End, s.req.Model)
+		f, err := wire.DecodeFrame(reply.Data)
+		if err != nil {
+			return nil, hp.node, fmt.Errorf("node %s: %w", hp.node, err)
 		}
-		if n := len(route); n > 0 && route[n-1].node == best && route[n-1].end == st.First {
-			route[n-1].end = st.End
-		} else {
-			route = append(route, hop{node: best, first: st.First, end: st.End})
+		last := i == len(s.route)-1
+		want := cfg.Dim
+		if last {
+			want = cfg.Vocab
 		}
+		if f.DType != wire.F32 || f.Cols != want || (!last && f.Rows != len(in)) {
+			return nil, hp.node, fmt.Errorf("node %s: reply frame %d×%d, want ×%d", hp.node, f.Rows, f.Cols, want)
+		}
+		if last {
+			logits, err := f.F32(nil)
+			if err != nil {
+				return nil, hp.node, fmt.Errorf("node %s: %w", hp.node, err)
+			}
+			s.done = len(s.seq)
+			return logits[len(logits)-f.Cols:], "", nil
+		}
+		// The hidden state goes on to the next stage as it came.
+		frame = reply.Data
 	}
-	for _, hp := range s.route {
-		s.e.health.releaseNode(hp.node)
-	}
-	for _, hp := range route {
-		s.e.health.acquire(hp.node)
-	}
-	s.route = route
-	return nil
+	return nil, "", fmt.Errorf("empty route")
 }
 
 func holds(r wire.NodeRecord, model string, first, end, layers int) bool {
@@ -487,17 +457,16 @@ func (h *health) fail(node string) {
 		h.fails[node] = f
 	}
 	f.count++
-	f.until = time.Now().Add(time.Duration(1<<min(f.count, 8)) * 500 * time.Millisecond)
+	f.until = time.Now().Add(time.Duration(1<<min(f.count-1, 8)) * 500 * time.Millisecond)
 }
 
-// penalty is large while a node is backed off.
-func (h *health) penalty(node string) float64 {
+// backedOff reports whether node failed recently; each failure doubles the
+// back-off (0.5 s, 1 s, 2 s, … up to about 2 minutes).
+func (h *health) backedOff(node string) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if f := h.fails[node]; f != nil && time.Now().Before(f.until) {
-		return 1e6
-	}
-	return 0
+	f := h.fails[node]
+	return f != nil && time.Now().Before(f.until)
 }
 
 func (h *health) acquire(node string) {

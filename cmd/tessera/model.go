@@ -1,0 +1,113 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/schollz/progressbar/v3"
+
+	"github.com/tessera-grid/tessera/pkg/bus"
+	"github.com/tessera-grid/tessera/pkg/config"
+	"github.com/tessera-grid/tessera/pkg/fragstore"
+)
+
+func modelCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		return fmt.Errorf("model: want import, ls or synth")
+	}
+	switch args[0] {
+	case "import":
+		return modelImport(ctx, args[1:], stdout, stderr)
+	case "ls":
+		return modelList(ctx, stdout)
+	}
+	return fmt.Errorf("model: unknown subcommand %q (want import, ls or synth)", args[0])
+}
+
+// connectGrid connects the CLI to the grid named by NATS_URL (default: the
+// local grid of `tessera run`).
+func connectGrid(ctx context.Context) (*bus.Conn, error) {
+	var nc config.NATS
+	if err := config.Load(ctx, "", &nc); err != nil {
+		return nil, err
+	}
+	if nc.URL == "" {
+		nc.URL = "nats://127.0.0.1:4222"
+	}
+	return bus.Connect(ctx, nc, nil, "tessera-cli")
+}
+
+func modelImport(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("model import", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	tok := fs.String("tokenizer", "", "tokenizer file (default: tok*.bin or tokenizer.bin beside the checkpoint)")
+	id := fs.String("id", "", "model id (default: the file name without extension, lower-case)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		return fmt.Errorf("model import: want exactly one checkpoint PATH")
+	}
+	path := fs.Arg(0)
+	if *id == "" {
+		*id = strings.ToLower(strings.TrimSuffix(filepath.Base(path), filepath.Ext(path)))
+	}
+	if *tok == "" {
+		matches, _ := filepath.Glob(filepath.Join(filepath.Dir(path), "tok*.bin"))
+		if len(matches) == 0 {
+			return fmt.Errorf("model import: no tokenizer beside %s; give --tokenizer", path)
+		}
+		*tok = matches[0]
+	}
+	c, err := connectGrid(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	st, err := fragstore.Open(ctx, c.JS)
+	if err != nil {
+		return err
+	}
+	var bar *progressbar.ProgressBar
+	m, err := st.ImportCheckpoint(ctx, *id, path, *tok, func(done, total int64) {
+		if bar == nil {
+			bar = progressbar.DefaultBytes(total, "importing "+*id)
+		}
+		_ = bar.Set64(done)
+	})
+	if bar != nil {
+		_ = bar.Finish()
+	}
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "\nimported %s: %d layers, %d fragments, %d bytes (%s)\n", m.ID, m.Config.Layers, len(m.Fragments), m.TotalBytes, m.DType)
+	return nil
+}
+
+func modelList(ctx context.Context, stdout io.Writer) error {
+	c, err := connectGrid(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	st, err := fragstore.Open(ctx, c.JS)
+	if err != nil {
+		return err
+	}
+	ms, err := st.Manifests(ctx)
+	if err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(stdout, 2, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "MODEL\tDTYPE\tLAYERS\tDIM\tVOCAB\tFRAGMENTS\tBYTES")
+	for _, m := range ms {
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%d\n", m.ID, m.DType, m.Config.Layers, m.Config.Dim, m.Config.Vocab, len(m.Fragments), m.TotalBytes)
+	}
+	return tw.Flush()
+}
