@@ -185,7 +185,7 @@ func (n *Node) Status() Status {
 	}
 	var cacheBytes int64
 	for _, se := range n.sessions {
-		cacheBytes += se.cache.Bytes()
+		cacheBytes += se.cacheBytes.Load()
 	}
 	s.CacheBytes = uint64(cacheBytes)
 	s.Fetch = wire.FetchProgress{BytesDone: n.fetch.done.Load(), BytesTotal: n.fetch.total.Load()}
