@@ -25,19 +25,25 @@ import (
 type intake struct {
 	sub    *nats.Subscription
 	shards []chan *nats.Msg
+	done   chan struct{}
 	wg     sync.WaitGroup
 	queued atomic.Int64
 }
 
 func (r *Registry) startIntake(ctx context.Context) (*intake, error) {
-	in := &intake{shards: make([]chan *nats.Msg, r.cfg.Workers)}
+	in := &intake{shards: make([]chan *nats.Msg, r.cfg.Workers), done: make(chan struct{})}
 	for i := range in.shards {
 		ch := make(chan *nats.Msg, 1024)
 		in.shards[i] = ch
 		in.wg.Go(func() {
-			for m := range ch {
-				r.onHeartbeat(ctx, m)
-				in.queued.Add(-1)
+			for {
+				select {
+				case m := <-ch:
+					r.onHeartbeat(ctx, m)
+					in.queued.Add(-1)
+				case <-in.done:
+					return
+				}
 			}
 		})
 	}
@@ -46,7 +52,10 @@ func (r *Registry) startIntake(ctx context.Context) (*intake, error) {
 	sub, err := r.bus.NC.QueueSubscribe(subjects.HeartbeatAll, "registry", func(m *nats.Msg) {
 		r.metrics.received.Add(1)
 		in.queued.Add(1)
-		in.shards[shardOf(m.Subject, len(in.shards))] <- m
+		select {
+		case in.shards[shardOf(m.Subject, len(in.shards))] <- m:
+		case <-in.done:
+		}
 	})
 	if err != nil {
 		in.stopWorkers()
@@ -61,15 +70,15 @@ func (r *Registry) startIntake(ctx context.Context) (*intake, error) {
 	return in, nil
 }
 
+// stop ends the intake; heartbeats still queued are dropped (each node
+// sends its state again with its next one).
 func (in *intake) stop() {
 	_ = in.sub.Unsubscribe()
 	in.stopWorkers()
 }
 
 func (in *intake) stopWorkers() {
-	for _, ch := range in.shards {
-		close(ch)
-	}
+	close(in.done)
 	in.wg.Wait()
 }
 
