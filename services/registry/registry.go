@@ -147,6 +147,9 @@ type Registry struct {
 	mu    sync.Mutex
 	nodes map[string]*entry
 	bound map[string]boundKey
+	// lastBeat is the time of each node's last accepted heartbeat, kept
+	// after the node leaves.
+	lastBeat map[string]time.Time
 
 	challenges *challenger
 }
@@ -167,7 +170,7 @@ func New(ctx context.Context, cfg Config, deps Deps) (*Registry, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	r := &Registry{cfg: cfg, bus: deps.Bus, log: log, deps: deps, nodes: map[string]*entry{}, bound: map[string]boundKey{}}
+	r := &Registry{cfg: cfg, bus: deps.Bus, log: log, deps: deps, nodes: map[string]*entry{}, bound: map[string]boundKey{}, lastBeat: map[string]time.Time{}}
 	var err error
 	if r.kv, err = deps.Bus.JS.KeyValue(ctx, subjects.BucketNodes); err != nil {
 		return nil, fmt.Errorf("bucket %s: %w", subjects.BucketNodes, err)

@@ -293,6 +293,27 @@ func TestStoppedNodeLeavesAtOnce(t *testing.T) {
 	if e, _ := g.events.last("n2", wire.MemberLeft); e.Reason != "stopped" {
 		t.Errorf("left reason %q, want stopped", e.Reason)
 	}
+	// An old heartbeat of the node, replayed, does not bring it back.
+	before := stats(t, g.client.NC).Rejected[registry.RejectReplayed]
+	n.hb.Seq, n.hb.State = 1, wire.NodeReady
+	old := n.hb.Time.Add(-time.Second)
+	n.hb.Time, n.hb.PublicKey, n.hb.Signature = old, "", ""
+	if err := nodesig.SignHeartbeat(&n.hb, n.pub, n.kp.Sign); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(n.hb)
+	if err := g.client.NC.Publish(subjects.Heartbeat("n2"), b); err != nil {
+		t.Fatal(err)
+	}
+	bustest.CheckFor(t, 5*time.Second, 20*time.Millisecond, func() error {
+		if got := stats(t, g.client.NC).Rejected[registry.RejectReplayed]; got != before+1 {
+			return fmt.Errorf("rejected[replayed] = %d, want %d", got, before+1)
+		}
+		return nil
+	})
+	// A restart (new heartbeats, sequence from 1) joins again.
+	n.beat(t, g.client.NC)
+	g.events.wait(t, "n2", wire.MemberJoined, wire.MemberDraining, wire.MemberLeft, wire.MemberJoined)
 }
 
 func stats(t *testing.T, nc *nats.Conn) wire.RegistryStats {

@@ -47,6 +47,13 @@ func (r *Registry) apply(hb *wire.Heartbeat, now time.Time) error {
 		return fmt.Errorf("%w: node %s heartbeat seq %d at %s, last accepted seq %d at %s", ErrReplayed,
 			hb.Node, hb.Seq, hb.Time.Format(time.RFC3339Nano), e.rec.Heartbeat.Seq, e.rec.Heartbeat.Time.Format(time.RFC3339Nano))
 	}
+	// A node that left may only come back with a heartbeat made after its
+	// last one: an old heartbeat replayed cannot bring it back.
+	if last, ok := r.lastBeat[hb.Node]; e == nil && ok && !hb.Time.After(last) {
+		return fmt.Errorf("%w: node %s heartbeat of %s, it has sent one of %s already", ErrReplayed,
+			hb.Node, hb.Time.Format(time.RFC3339Nano), last.Format(time.RFC3339Nano))
+	}
+	r.lastBeat[hb.Node] = hb.Time
 	if hb.State == wire.NodeStopped {
 		if e != nil {
 			r.remove(hb.Node, "stopped")
