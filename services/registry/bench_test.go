@@ -39,7 +39,7 @@ func BenchmarkHeartbeat(b *testing.B) {
 	for i := range b.N {
 		// Node by node, beat by beat: every heartbeat is newer than the last.
 		m := msgs[(i%nodes)*beats+i/nodes]
-		r.onHeartbeat(ctx, m)
+		r.onHeartbeat(ctx, m, time.Now())
 	}
 	b.StopTimer()
 	if st := r.Stats(); st.HeartbeatsAccepted != uint64(b.N) {

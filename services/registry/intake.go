@@ -24,22 +24,22 @@ import (
 // are checked in parallel.
 type intake struct {
 	sub    *nats.Subscription
-	shards []chan *nats.Msg
+	shards []chan arrival
 	done   chan struct{}
 	wg     sync.WaitGroup
 	queued atomic.Int64
 }
 
 func (r *Registry) startIntake(ctx context.Context) (*intake, error) {
-	in := &intake{shards: make([]chan *nats.Msg, r.cfg.Workers), done: make(chan struct{})}
+	in := &intake{shards: make([]chan arrival, r.cfg.Workers), done: make(chan struct{})}
 	for i := range in.shards {
-		ch := make(chan *nats.Msg, 1024)
+		ch := make(chan arrival, 1024)
 		in.shards[i] = ch
 		in.wg.Go(func() {
 			for {
 				select {
-				case m := <-ch:
-					r.onHeartbeat(ctx, m)
+				case a := <-ch:
+					r.onHeartbeat(ctx, a.msg, a.at)
 					in.queued.Add(-1)
 				case <-in.done:
 					return
@@ -53,7 +53,7 @@ func (r *Registry) startIntake(ctx context.Context) (*intake, error) {
 		r.metrics.received.Add(1)
 		in.queued.Add(1)
 		select {
-		case in.shards[shardOf(m.Subject, len(in.shards))] <- m:
+		case in.shards[shardOf(m.Subject, len(in.shards))] <- arrival{msg: m, at: time.Now().UTC()}:
 		case <-in.done:
 		}
 	})
@@ -68,6 +68,13 @@ func (r *Registry) startIntake(ctx context.Context) (*intake, error) {
 		return n + int(in.queued.Load())
 	}
 	return in, nil
+}
+
+// arrival is a heartbeat and when it arrived: a node's silence is counted
+// from its last heartbeat's arrival, not from when a busy registry got to it.
+type arrival struct {
+	msg *nats.Msg
+	at  time.Time
 }
 
 // stop ends the intake; heartbeats still queued are dropped (each node
@@ -104,8 +111,8 @@ const (
 	RejectReplayed = "replayed"
 )
 
-// onHeartbeat checks one heartbeat and applies it.
-func (r *Registry) onHeartbeat(ctx context.Context, m *nats.Msg) {
+// onHeartbeat checks one heartbeat, which arrived at, and applies it.
+func (r *Registry) onHeartbeat(ctx context.Context, m *nats.Msg, at time.Time) {
 	var hb wire.Heartbeat
 	if err := wire.Decode(m.Data, &hb); err != nil {
 		r.reject(ctx, m, RejectInvalid, err)
@@ -165,7 +172,7 @@ func (r *Registry) onHeartbeat(ctx context.Context, m *nats.Msg) {
 		r.reject(ctx, m, RejectKey, fmt.Errorf("%w: node %s is bound to %s, heartbeat signed by %s", ErrKeyNotBound, hb.Node, key.nkey, signer.nkey))
 		return
 	}
-	if err := r.apply(&hb, time.Now().UTC()); err != nil {
+	if err := r.apply(&hb, at); err != nil {
 		r.reject(ctx, m, RejectReplayed, err)
 		return
 	}

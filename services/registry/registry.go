@@ -40,8 +40,8 @@ type Config struct {
 	// interval of grace, so a stopped node is gone within three intervals).
 	MissedBeats float64 `env:"MISSED_BEATS, default=2.5"`
 	// SweepInterval is how often silent nodes are looked for (more often
-	// when a node's heartbeat interval is below ten of these).
-	SweepInterval time.Duration `env:"SWEEP_INTERVAL, default=100ms"`
+	// when a node's heartbeat interval is below twenty of these).
+	SweepInterval time.Duration `env:"SWEEP_INTERVAL, default=50ms"`
 	// RefreshBeats is how many heartbeats an unchanged record may go
 	// without being rewritten into KV nodes (telemetry is at most this many
 	// intervals old there; the registry's endpoints always have the latest).
@@ -88,7 +88,7 @@ func (c Config) withDefaults() Config {
 		c.MissedBeats = 2.5
 	}
 	if c.SweepInterval <= 0 {
-		c.SweepInterval = 100 * time.Millisecond
+		c.SweepInterval = 50 * time.Millisecond
 	}
 	if c.RefreshBeats <= 0 {
 		c.RefreshBeats = 4

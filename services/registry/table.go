@@ -202,9 +202,9 @@ func (r *Registry) remove(node, reason string) {
 }
 
 // sweep marks nodes silent for MissedBeats intervals as left, and returns
-// how long to wait for the next sweep: SweepInterval, or a tenth of the
+// how long to wait for the next sweep: SweepInterval, or a twentieth of the
 // shortest interval among the nodes when that is less, so that no node's
-// departure is noticed more than a tenth of an interval late.
+// departure is noticed more than a twentieth of an interval late.
 func (r *Registry) sweep(now time.Time) time.Duration {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -214,7 +214,7 @@ func (r *Registry) sweep(now time.Time) time.Duration {
 			r.remove(id, fmt.Sprintf("no heartbeat for %s (%.1f intervals)", silent.Round(time.Millisecond), float64(silent)/float64(e.interval)))
 			continue
 		}
-		next = min(next, e.interval/10)
+		next = min(next, e.interval/20)
 	}
 	return max(next, 5*time.Millisecond)
 }
