@@ -150,6 +150,8 @@ type Registry struct {
 	// lastBeat is the time of each node's last accepted heartbeat, kept
 	// after the node leaves.
 	lastBeat map[string]time.Time
+	// behind is set while the intake is too far behind to judge silence.
+	behind bool
 
 	challenges *challenger
 }

@@ -205,12 +205,27 @@ func (r *Registry) remove(node, reason string) {
 // how long to wait for the next sweep: SweepInterval, or a twentieth of the
 // shortest interval among the nodes when that is less, so that no node's
 // departure is noticed more than a twentieth of an interval late.
+//
+// A registry far behind on its heartbeats cannot tell a silent node from
+// one whose heartbeats wait in its queue: it declares nobody left until it
+// has caught up, rather than evicting live nodes en masse (whose rejoining
+// would put it further behind).
 func (r *Registry) sweep(now time.Time) time.Duration {
+	pending := r.metrics.pending()
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	behind := pending > 1024+len(r.nodes)/2
+	if behind != r.behind {
+		r.behind = behind
+		if behind {
+			r.log.Warn("heartbeats queued; no node declared left until they are checked", "pending", pending)
+		} else {
+			r.log.Info("heartbeats caught up", "pending", pending)
+		}
+	}
 	next := r.cfg.SweepInterval
 	for id, e := range r.nodes {
-		if silent := now.Sub(e.lastSeen); silent > time.Duration(r.cfg.MissedBeats*float64(e.interval)) {
+		if silent := now.Sub(e.lastSeen); !behind && silent > time.Duration(r.cfg.MissedBeats*float64(e.interval)) {
 			r.remove(id, fmt.Sprintf("no heartbeat for %s (%.1f intervals)", silent.Round(time.Millisecond), float64(silent)/float64(e.interval)))
 			continue
 		}
