@@ -256,6 +256,7 @@ func run(o options) error {
 		return err
 	}
 	natsCPU0, _ := procCPU(natsProc.Process.Pid)
+	busy0 := machineBusy()
 	start := time.Now()
 	var series []int64
 	for time.Since(start) < o.window {
@@ -272,6 +273,7 @@ func run(o options) error {
 		return err
 	}
 	natsCPU1, _ := procCPU(natsProc.Process.Pid)
+	busy := (machineBusy() - busy0) / elapsed
 	backlog1 := series[len(series)-1]
 	rss, hwm := procMem(reg.Process.Pid)
 	wg.Wait()
@@ -312,6 +314,7 @@ func run(o options) error {
 	}
 	fmt.Printf("nodes %d, interval %s, window %.1fs, GOMAXPROCS of the registry %d\n", o.nodes, o.interval, elapsed, runtime.NumCPU())
 	fmt.Printf("registry CPU %.3f cores, RSS %.1f MiB (peak %.1f MiB); nats-server CPU %.3f cores\n", cores, float64(rss)/(1<<20), float64(hwm)/(1<<20), (natsCPU1-natsCPU0)/elapsed)
+	fmt.Printf("the whole machine was busy %.2f of its %d cores (registry, NATS, simulator and anything else running)\n", busy, runtime.NumCPU())
 	fmt.Printf("backlog at window start %d, every 5s %v, growth %d messages\n", backlog0, series, backlog1-backlog0)
 	fmt.Printf("join to visible: %d nodes, p50 %.3fs p99 %.3fs max %.3fs\n", len(joinLat), pct(joinLat, 0.5), pct(joinLat, 0.99), pct(joinLat, 1))
 	fmt.Printf("stop to left: %d of %d stopped nodes, p50 %.3fs p99 %.3fs max %.3fs\n", len(leftLat), len(stopped), pct(leftLat, 0.5), pct(leftLat, 0.99), pct(leftLat, 1))
@@ -453,6 +456,25 @@ func procCPU(pid int) (float64, error) {
 	ut, _ := strconv.ParseFloat(f[11], 64)
 	st, _ := strconv.ParseFloat(f[12], 64)
 	return (ut + st) / 100, nil // USER_HZ is 100 on Linux
+}
+
+// machineBusy is the CPU time, in seconds, all cores spent busy since boot.
+func machineBusy() float64 {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	var busy float64
+	for i, v := range f[1:] {
+		if i == 3 || i == 4 { // idle, iowait
+			continue
+		}
+		x, _ := strconv.ParseFloat(v, 64)
+		busy += x
+	}
+	return busy / 100
 }
 
 // procMem returns the process's resident and peak resident memory in bytes.
