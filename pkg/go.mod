@@ -47,6 +47,7 @@ require (
 
 require (
 	github.com/nats-io/nkeys v0.4.17
+	github.com/oasisprotocol/curve25519-voi v0.0.0-20230904125328-1f23a7beb09a
 	github.com/tessera-grid/tessera/schemas v0.0.0
 	go.opentelemetry.io/otel/trace v1.47.0
 )

@@ -122,7 +122,9 @@ func Template(role Role, js JetStream) (Permissions, error) {
 		p = service(role, js,
 			[]string{subjects.MembershipAll, subjects.Challenge("*"), subjects.Control("*")},
 			[]string{subjects.HeartbeatAll, subjects.RegistryPrefix + ".>"},
-			js.kvWrite(subjects.BucketNodes),
+			js.kvWrite(subjects.BucketNodes), js.kvWrite(subjects.BucketNodeKeys),
+			// Challenges: the registry computes expected outputs from fragments.
+			js.kvRead(subjects.BucketModels, false), js.objectRead(subjects.ObjectFragments),
 		)
 	case RolePlanner:
 		p = service(role, js,

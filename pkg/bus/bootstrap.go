@@ -78,6 +78,7 @@ func Buckets(replicas int) []jetstream.KeyValueConfig {
 			// Limit markers make an expired key visible to watchers as a delete.
 			LimitMarkerTTL: time.Minute,
 		},
+		{Bucket: subjects.BucketNodeKeys, Description: "node id to the public key it joined with", Storage: jetstream.FileStorage, Replicas: replicas},
 		{Bucket: subjects.BucketModels, Description: "model manifests", Storage: jetstream.FileStorage, Replicas: replicas, History: 4},
 		{Bucket: subjects.BucketPlans, Description: "fragment plans per model", Storage: jetstream.FileStorage, Replicas: replicas, History: 16},
 		{Bucket: subjects.BucketAPIKeys, Description: "sha256(api key) to customer", Storage: jetstream.FileStorage, Replicas: replicas},

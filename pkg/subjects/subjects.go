@@ -46,6 +46,10 @@ const (
 	BucketAPIKeys = "apikeys"
 	// BucketPrices holds the versioned price book.
 	BucketPrices = "prices"
+	// BucketNodeKeys maps node id to the public key it first joined with
+	// (trust on first use): a heartbeat for that node signed by any other
+	// key is refused. It has no TTL; an operator deletes a key to re-key a node.
+	BucketNodeKeys = "nodekeys"
 	// BucketExpertLoad maps model id to the router's expert-use counts.
 	BucketExpertLoad = "expertload"
 )
@@ -87,6 +91,14 @@ const (
 	Models = Root + ".api.models"
 	// RegistryPrefix is the subject prefix of the registry's micro endpoints.
 	RegistryPrefix = Root + ".registry"
+	// RegistryNodesList lists node records (body: wire.NodeQuery; reply:
+	// wire.NodeList).
+	RegistryNodesList = RegistryPrefix + ".nodes.list"
+	// RegistryNodesGet returns one node's record (body: wire.NodeQuery with
+	// Node set; reply: wire.NodeRecord).
+	RegistryNodesGet = RegistryPrefix + ".nodes.get"
+	// RegistryStats returns the registry's counters (reply: wire.RegistryStats).
+	RegistryStats = RegistryPrefix + ".stats"
 	// SettlementPrefix is the subject prefix of settlement's micro endpoints.
 	SettlementPrefix = Root + ".settlement"
 	// SettlementCustomerStatement answers a customer's usage and charges

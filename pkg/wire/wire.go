@@ -27,6 +27,9 @@ const (
 	SchemaDeadLetter         = "dead_letter"
 	SchemaPlanEvent          = "plan_event"
 	SchemaControl            = "control"
+	SchemaNodeQuery          = "node_query"
+	SchemaNodeList           = "node_list"
+	SchemaRegistryStats      = "registry_stats"
 )
 
 // Device is one compute device a node offers: a GPU found through NVML or a
@@ -77,6 +80,10 @@ const (
 	NodeDraining    = "draining"
 	NodeDegraded    = "degraded"
 	NodeQuarantined = "quarantined"
+	// NodeStopped is a node's last heartbeat: it has finished its work and
+	// exits, so the registry marks it left at once instead of waiting for
+	// its silence.
+	NodeStopped = "stopped"
 )
 
 // Heartbeat is what an executor publishes every interval on
@@ -118,6 +125,45 @@ type NodeRecord struct {
 	JoinedAt         time.Time `json:"joined_at"`
 	LastSeen         time.Time `json:"last_seen"`
 	QuarantineReason string    `json:"quarantine_reason,omitempty"`
+}
+
+// NodeQuery selects nodes from the registry (its nodes.list and nodes.get
+// endpoints); empty fields match every node.
+type NodeQuery struct {
+	// Node is the node id (nodes.get).
+	Node string `json:"node,omitempty"`
+	// Model keeps nodes able to serve or holding fragments of the model.
+	Model  string `json:"model,omitempty"`
+	Region string `json:"region,omitempty"`
+	// State keeps nodes in this registry state (ready, quarantined, ...).
+	State string `json:"state,omitempty"`
+}
+
+// NodeList is the registry's answer to a node query, sorted by node id.
+type NodeList struct {
+	Nodes []NodeRecord `json:"nodes"`
+}
+
+// RegistryStats are the registry's counters since it started.
+type RegistryStats struct {
+	// Nodes is the number of live nodes; ByState splits them by state.
+	Nodes   int            `json:"nodes"`
+	ByState map[string]int `json:"by_state"`
+	// HeartbeatsReceived counts every message on the heartbeat subjects,
+	// HeartbeatsAccepted those that updated a node.
+	HeartbeatsReceived uint64 `json:"heartbeats_received"`
+	HeartbeatsAccepted uint64 `json:"heartbeats_accepted"`
+	// Rejected counts refused heartbeats by reason (bad_signature,
+	// key_not_bound, wrong_subject, invalid_heartbeat, replayed).
+	Rejected map[string]uint64 `json:"rejected"`
+	// Pending is the number of received heartbeats not yet processed.
+	Pending int `json:"pending"`
+	// RecordWrites counts writes of node records into KV nodes.
+	RecordWrites uint64 `json:"record_writes"`
+	// ChallengesPassed and ChallengesFailed count speed and correctness
+	// challenges by outcome.
+	ChallengesPassed uint64 `json:"challenges_passed"`
+	ChallengesFailed uint64 `json:"challenges_failed"`
 }
 
 // Membership event kinds.

@@ -10,18 +10,23 @@ import (
 	"log/slog"
 	"math"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/tessera-grid/tessera/pkg/bus"
+	"github.com/tessera-grid/tessera/pkg/compute"
 	"github.com/tessera-grid/tessera/pkg/subjects"
 	"github.com/tessera-grid/tessera/pkg/usagesig"
 	"github.com/tessera-grid/tessera/pkg/wire"
 	"github.com/tessera-grid/tessera/services/executor/internal/device"
 	"github.com/tessera-grid/tessera/services/executor/internal/identity"
 	"github.com/tessera-grid/tessera/services/executor/internal/node"
+	"github.com/tessera-grid/tessera/services/executor/internal/speed"
 )
 
 // EnvPrefix is the prefix of the executor's environment variables.
@@ -55,16 +60,60 @@ type Config struct {
 	MaxBatch int `env:"MAX_BATCH, default=32"`
 	// SessionIdle frees a request's caches after this long without traffic.
 	SessionIdle time.Duration `env:"SESSION_IDLE, default=2m"`
+	// DrainTimeout bounds the graceful drain on SIGTERM: the node announces
+	// it is draining, finishes the requests it takes part in, then stops.
+	DrainTimeout time.Duration `env:"DRAIN_TIMEOUT, default=2m"`
+	// DrainIdle is how long a request may go without traffic before a
+	// draining node counts it as finished (its requester went away).
+	DrainIdle time.Duration `env:"DRAIN_IDLE, default=10s"`
+	// SpeedTest is how long the speed test of one model may run (decode and
+	// prefill through one layer); a negative value skips the test and
+	// claims no speed.
+	SpeedTest time.Duration `env:"SPEED_TEST, default=1s"`
+}
+
+// withDefaults fills the fields a zero Config leaves unset.
+func (c Config) withDefaults() Config {
+	if c.HeartbeatInterval == 0 {
+		c.HeartbeatInterval = 2 * time.Second
+	}
+	if c.StateDir == "" {
+		c.StateDir = "var/executor"
+	}
+	if c.Supplier == "" {
+		c.Supplier = "local"
+	}
+	if c.Region == "" {
+		c.Region = "local"
+	}
+	if c.DrainTimeout <= 0 {
+		c.DrainTimeout = 2 * time.Minute
+	}
+	if c.DrainIdle <= 0 {
+		c.DrainIdle = 10 * time.Second
+	}
+	if c.SpeedTest == 0 {
+		c.SpeedTest = time.Second
+	}
+	return c
 }
 
 // Deps are what Run needs from its host process.
 type Deps struct {
 	Bus *bus.Conn
 	Log *slog.Logger
+	// TamperChallenge, when set, alters the node's answers to the
+	// registry's challenges: tests use it to play a node that computes
+	// wrongly. Production leaves it nil.
+	TamperChallenge func(out []float32)
 }
 
-// Run serves as one executor node until ctx ends.
+// Run serves as one executor node until ctx ends, then drains: it
+// announces that it is draining, finishes the requests it takes part in
+// (bounded by DrainTimeout), publishes their usage, and sends a last
+// heartbeat with state stopped so that the registry marks it left at once.
 func Run(ctx context.Context, cfg Config, deps Deps) error {
+	cfg = cfg.withDefaults()
 	log := deps.Log
 	if log == nil {
 		log = slog.Default()
@@ -111,25 +160,65 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return err
 	}
+	speeds, err := speed.OpenCache(filepath.Join(cfg.StateDir, "speed.json"))
+	if err != nil {
+		return err
+	}
 	n, err := node.New(node.Options{
 		ID: cfg.NodeID, Supplier: cfg.Supplier, Region: cfg.Region, DeviceType: deviceType(devices),
 		Threads: cfg.Threads, MaxBatch: cfg.MaxBatch, SessionIdle: cfg.SessionIdle, MemoryBudget: budget,
-		Signer: signer,
+		Signer:          signer,
+		TamperChallenge: deps.TamperChallenge,
 	}, deps.Bus, log)
 	if err != nil {
 		return err
 	}
-	hb := &heartbeater{cfg: cfg, bus: deps.Bus, node: n, id: id, backend: backend, budget: budget, log: log}
+	hb := &heartbeater{cfg: cfg, bus: deps.Bus, node: n, id: id, backend: backend, budget: budget, log: log,
+		speeds: speeds, measured: make(chan struct{})}
+	// The node serves on a context of its own, so that it keeps serving
+	// while it drains after ctx ends.
+	nodeCtx, stopNode := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopNode()
+	nodeDone := make(chan error, 1)
+	go func() { nodeDone <- n.Run(nodeCtx) }()
 	var wg sync.WaitGroup
-	wg.Add(1)
-	hbCtx, stopHB := context.WithCancel(context.Background())
-	go func() { defer wg.Done(); hb.run(hbCtx) }()
+	hbCtx, stopHB := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopHB()
+	wg.Go(func() { hb.run(hbCtx) })
+	wg.Go(func() { hb.measure(hbCtx, devices) })
 	log.Info("executor started", "node", cfg.NodeID, "devices", len(devices), "budget_bytes", budget)
-	err = n.Run(ctx)
-	// A last heartbeat tells the registry the node is gone at once.
+
+	select {
+	case <-ctx.Done():
+		err = nil
+	case err = <-nodeDone:
+		nodeDone <- err
+	}
+	n.SetDraining()
+	hb.send("")
+	log.Info("draining", "node", cfg.NodeID, "timeout", cfg.DrainTimeout)
+	dctx, cancel := context.WithTimeout(context.Background(), cfg.DrainTimeout)
+	// A node whose connection is gone cannot finish anything: stop at once.
+	go func() {
+		for dctx.Err() == nil && !deps.Bus.NC.IsClosed() {
+			time.Sleep(20 * time.Millisecond)
+		}
+		cancel()
+	}()
+	if derr := n.WaitIdle(dctx, cfg.DrainIdle); derr != nil {
+		log.Warn("drain cut short; stopping", "err", derr)
+	}
+	cancel()
+	stopNode()
+	if nerr := <-nodeDone; err == nil {
+		err = nerr
+	}
 	stopHB()
 	wg.Wait()
-	hb.send(wire.NodeDraining)
+	// The last heartbeat tells the registry the node is gone at once.
+	hb.send(wire.NodeStopped)
+	_ = deps.Bus.NC.Flush()
+	log.Info("executor stopped", "node", cfg.NodeID)
 	return err
 }
 
@@ -142,7 +231,14 @@ type heartbeater struct {
 	backend device.Backend
 	budget  uint64
 	log     *slog.Logger
-	seq     uint64
+	speeds  *speed.Cache
+	// measured is closed once the models known at start are measured: the
+	// node reports "starting" until then.
+	measured chan struct{}
+
+	mu     sync.Mutex
+	seq    uint64
+	models []wire.ModelManifest
 }
 
 func (h *heartbeater) run(ctx context.Context) {
@@ -159,11 +255,82 @@ func (h *heartbeater) run(ctx context.Context) {
 	}
 }
 
+// measure runs the speed test of every model in the grid at start, and of
+// every model imported later, so that heartbeats claim a speed for each
+// model the node may serve.
+func (h *heartbeater) measure(ctx context.Context, devices []wire.Device) {
+	defer func() {
+		select {
+		case <-h.measured:
+		default:
+			close(h.measured)
+		}
+	}()
+	if h.cfg.SpeedTest <= 0 {
+		return
+	}
+	kv, err := h.bus.JS.KeyValue(ctx, subjects.BucketModels)
+	if err != nil {
+		h.log.Warn("no speed test: models bucket", "err", err)
+		return
+	}
+	w, err := kv.WatchAll(ctx)
+	if err != nil {
+		h.log.Warn("no speed test: models watch", "err", err)
+		return
+	}
+	defer func() { _ = w.Stop() }()
+	pool := compute.NewPool(h.cfg.Threads)
+	defer pool.Close()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case e, ok := <-w.Updates():
+			if !ok {
+				return
+			}
+			if e == nil {
+				// Every model known at start is measured.
+				close(h.measured)
+				continue
+			}
+			if e.Operation() != jetstream.KeyValuePut {
+				continue
+			}
+			var man wire.ModelManifest
+			if err := json.Unmarshal(e.Value(), &man); err != nil {
+				continue
+			}
+			if err := h.speeds.Ensure(man, devices, pool, h.cfg.SpeedTest); err != nil {
+				h.log.Warn("speed not measured", "model", man.ID, "err", err)
+				continue
+			}
+			h.mu.Lock()
+			h.models = append(slices.DeleteFunc(h.models, func(m wire.ModelManifest) bool { return m.ID == man.ID }), man)
+			h.mu.Unlock()
+			h.log.Info("speed measured", "model", man.ID, "samples", h.speeds.Samples(devices, []wire.ModelManifest{man}))
+		}
+	}
+}
+
+// send publishes one heartbeat; state "" reports the node's own state.
 func (h *heartbeater) send(state string) {
 	st := h.node.Status()
-	h.seq++
+	devices, err := h.backend.Devices(context.Background())
+	if err != nil {
+		h.log.Warn("device snapshot failed", "err", err)
+	}
 	if state == "" {
 		state = wire.NodeReady
+		select {
+		case <-h.measured:
+		default:
+			state = wire.NodeStarting
+		}
+		if slices.ContainsFunc(devices, func(d wire.Device) bool { return d.Error != "" }) {
+			state = wire.NodeDegraded
+		}
 		if st.Draining {
 			state = wire.NodeDraining
 		}
@@ -172,16 +339,16 @@ func (h *heartbeater) send(state string) {
 	if used := st.WeightBytes + st.CacheBytes; used < h.budget {
 		free = h.budget - used
 	}
-	devices, err := h.backend.Devices(context.Background())
-	if err != nil {
-		h.log.Warn("device snapshot failed", "err", err)
-	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.seq++
 	hb := wire.Heartbeat{
 		Node: h.cfg.NodeID, Supplier: h.cfg.Supplier, Region: h.cfg.Region,
 		Seq: h.seq, Time: time.Now().UTC(), IntervalMS: h.cfg.HeartbeatInterval.Milliseconds(),
 		State: state, Devices: devices, MemoryBudget: h.budget, MemoryFree: free,
 		Models: st.Models, Fragments: st.Fragments, Fetch: st.Fetch,
 		KVTokensFree: st.KVTokensFree, QueueDepth: st.QueueDepth,
+		Speed: h.speeds.Samples(devices, h.models),
 	}
 	if err := h.id.SignHeartbeat(&hb); err != nil {
 		h.log.Error("heartbeat not signed", "err", err)
@@ -192,6 +359,7 @@ func (h *heartbeater) send(state string) {
 		h.log.Error("heartbeat", "err", err)
 		return
 	}
+	// Published under h.mu, so that heartbeats leave in sequence order.
 	if err := h.bus.NC.Publish(subjects.Heartbeat(h.cfg.NodeID), b); err != nil {
 		h.log.Warn("heartbeat not sent", "err", err)
 	}

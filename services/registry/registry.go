@@ -1,23 +1,32 @@
 // Package registry keeps the grid's live inventory of nodes: it consumes
-// heartbeats, validates them, keeps KV nodes current (each key with a TTL so
-// a silent node disappears), and records membership events.
+// heartbeats, checks them (shape, signature, the key the node joined with,
+// freshness), keeps KV nodes current (each key with a TTL so that a record
+// outlives no registry), records membership events, challenges nodes to
+// prove their speed and correctness, and answers queries about nodes over
+// NATS micro endpoints and HTTP.
+//
+// Liveness is kept in memory: a sweep marks a node left once it has been
+// silent for MissedBeats of its intervals. KV nodes is written when a
+// record changes materially (state, fragments, devices, speed, ...) and
+// otherwise every RefreshBeats heartbeats, with asynchronous publishes, so
+// that ten thousand nodes beating once a second cost a fraction of a core.
 package registry
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
+	"runtime"
 	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/nats-io/nuid"
 
 	"github.com/tessera-grid/tessera/pkg/bus"
 	"github.com/tessera-grid/tessera/pkg/subjects"
-	"github.com/tessera-grid/tessera/pkg/wire"
 	"github.com/tessera-grid/tessera/schemas"
 )
 
@@ -26,34 +35,125 @@ const EnvPrefix = "TESSERA_REGISTRY_"
 
 // Config is the registry's configuration, read from TESSERA_REGISTRY_*.
 type Config struct {
-	// MissedBeats is how many heartbeat intervals of silence mark a node gone.
-	MissedBeats int `env:"MISSED_BEATS, default=3"`
-	// SweepInterval is how often silent nodes are looked for.
-	SweepInterval time.Duration `env:"SWEEP_INTERVAL, default=500ms"`
+	// MissedBeats is how many of its heartbeat intervals a node may stay
+	// silent before it is marked left (2.5: two missed beats and half an
+	// interval of grace, so a stopped node is gone within three intervals).
+	MissedBeats float64 `env:"MISSED_BEATS, default=2.5"`
+	// SweepInterval is how often silent nodes are looked for (more often
+	// when a node's heartbeat interval is below twenty of these).
+	SweepInterval time.Duration `env:"SWEEP_INTERVAL, default=50ms"`
+	// RefreshBeats is how many heartbeats an unchanged record may go
+	// without being rewritten into KV nodes (telemetry is at most this many
+	// intervals old there; the registry's endpoints always have the latest).
+	RefreshBeats int `env:"REFRESH_BEATS, default=4"`
+	// Workers is how many goroutines check heartbeats (0: 4×GOMAXPROCS,
+	// at least 16). More than there are cores keeps the cores busy while
+	// some workers wait on the round trip that binds a new node's key, so
+	// that a burst of joins becomes visible quickly.
+	Workers int `env:"WORKERS, default=0"`
+	// SchemaEvery validates every SchemaEvery-th heartbeat of a node against
+	// the JSON Schema; all get the typed decoder's strict checks (unknown
+	// members, types) and explicit checks of every rule the registry relies
+	// on. Full validation costs more than the signature check.
+	SchemaEvery int `env:"SCHEMA_EVERY, default=64"`
+	// HTTPAddr serves the JSON view of the nodes (GET /nodes, /nodes/{id},
+	// /stats) when set, e.g. "127.0.0.1:8091".
+	HTTPAddr string `env:"HTTP_ADDR"`
+	// ChallengeEvery is the mean time between challenges of a node after
+	// the first; a negative value disables challenges.
+	ChallengeEvery time.Duration `env:"CHALLENGE_EVERY, default=10m"`
+	// ChallengeRetry is how soon a quarantined node is challenged again.
+	ChallengeRetry time.Duration `env:"CHALLENGE_RETRY, default=1m"`
+	// ChallengeTimeout bounds one challenge's answer.
+	ChallengeTimeout time.Duration `env:"CHALLENGE_TIMEOUT, default=10s"`
+	// ChallengeRows is the number of positions a challenge sends.
+	ChallengeRows int `env:"CHALLENGE_ROWS, default=4"`
+	// ChallengeTolerance is the largest difference allowed between an
+	// answer and the expected output, relative to the output's magnitude
+	// (summation order differs between machines).
+	ChallengeTolerance float64 `env:"CHALLENGE_TOLERANCE, default=0.001"`
+	// ChallengeSlowFactor and ChallengeSlack bound the time an answer may
+	// take: SlowFactor × the time the node's claimed prefill speed implies,
+	// plus Slack for the network.
+	ChallengeSlowFactor float64       `env:"CHALLENGE_SLOW_FACTOR, default=4"`
+	ChallengeSlack      time.Duration `env:"CHALLENGE_SLACK, default=250ms"`
+	// ChallengeConcurrency caps challenges in flight.
+	ChallengeConcurrency int `env:"CHALLENGE_CONCURRENCY, default=2"`
+}
+
+// withDefaults fills unset fields (a zero Config, as tests and the
+// all-in-one grid pass, behaves like the documented defaults).
+func (c Config) withDefaults() Config {
+	if c.MissedBeats <= 0 {
+		c.MissedBeats = 2.5
+	}
+	if c.SweepInterval <= 0 {
+		c.SweepInterval = 50 * time.Millisecond
+	}
+	if c.RefreshBeats <= 0 {
+		c.RefreshBeats = 4
+	}
+	if c.Workers <= 0 {
+		c.Workers = max(16, 4*runtime.GOMAXPROCS(0))
+	}
+	if c.SchemaEvery <= 0 {
+		c.SchemaEvery = 64
+	}
+	if c.ChallengeRetry <= 0 {
+		c.ChallengeRetry = time.Minute
+	}
+	if c.ChallengeTimeout <= 0 {
+		c.ChallengeTimeout = 10 * time.Second
+	}
+	if c.ChallengeRows <= 0 {
+		c.ChallengeRows = 4
+	}
+	if c.ChallengeTolerance <= 0 {
+		c.ChallengeTolerance = 1e-3
+	}
+	if c.ChallengeSlowFactor <= 0 {
+		c.ChallengeSlowFactor = 4
+	}
+	if c.ChallengeSlack <= 0 {
+		c.ChallengeSlack = 250 * time.Millisecond
+	}
+	if c.ChallengeConcurrency <= 0 {
+		c.ChallengeConcurrency = 2
+	}
+	return c
 }
 
 // Deps are what Run needs from its host process.
 type Deps struct {
 	Bus *bus.Conn
 	Log *slog.Logger
+	// Listening, when set, is called with the HTTP view's address once it
+	// listens.
+	Listening func(addr string)
 }
 
 // Registry is the running service.
 type Registry struct {
-	cfg    Config
-	bus    *bus.Conn
-	log    *slog.Logger
-	kv     jetstream.KeyValue
-	schema *schemas.Set
+	cfg     Config
+	bus     *bus.Conn
+	log     *slog.Logger
+	js      jetstream.JetStream // asynchronous publishes of records and events
+	kv      jetstream.KeyValue
+	keys    jetstream.KeyValue
+	schema  *schemas.Set
+	metrics *metrics
+	deps    Deps
 
 	mu    sync.Mutex
 	nodes map[string]*entry
-}
+	bound map[string]boundKey
+	// lastBeat is the time of each node's last accepted heartbeat, kept
+	// after the node leaves.
+	lastBeat map[string]time.Time
+	// behind is set while the intake is too far behind to judge silence.
+	behind bool
 
-type entry struct {
-	rec      wire.NodeRecord
-	interval time.Duration
-	lastSeen time.Time
+	challenges *challenger
 }
 
 // Run serves until ctx ends.
@@ -67,145 +167,82 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 
 // New prepares a registry.
 func New(ctx context.Context, cfg Config, deps Deps) (*Registry, error) {
-	if cfg.MissedBeats <= 0 {
-		cfg.MissedBeats = 3
-	}
-	if cfg.SweepInterval <= 0 {
-		cfg.SweepInterval = 500 * time.Millisecond
-	}
+	cfg = cfg.withDefaults()
 	log := deps.Log
 	if log == nil {
 		log = slog.Default()
 	}
-	kv, err := deps.Bus.JS.KeyValue(ctx, subjects.BucketNodes)
-	if err != nil {
+	r := &Registry{cfg: cfg, bus: deps.Bus, log: log, deps: deps, nodes: map[string]*entry{}, bound: map[string]boundKey{}, lastBeat: map[string]time.Time{}}
+	var err error
+	if r.kv, err = deps.Bus.JS.KeyValue(ctx, subjects.BucketNodes); err != nil {
 		return nil, fmt.Errorf("bucket %s: %w", subjects.BucketNodes, err)
 	}
-	set, err := schemas.Compile()
+	if r.keys, err = deps.Bus.JS.KeyValue(ctx, subjects.BucketNodeKeys); err != nil {
+		return nil, fmt.Errorf("bucket %s: %w", subjects.BucketNodeKeys, err)
+	}
+	r.js, err = jetstream.New(deps.Bus.NC,
+		jetstream.WithPublishAsyncMaxPending(8192),
+		jetstream.WithPublishAsyncErrHandler(func(_ jetstream.JetStream, m *nats.Msg, err error) { r.publishFailed(m, err) }))
 	if err != nil {
+		return nil, fmt.Errorf("jetstream: %w", err)
+	}
+	if r.schema, err = schemas.Compile(); err != nil {
 		return nil, err
 	}
-	return &Registry{cfg: cfg, bus: deps.Bus, log: log, kv: kv, schema: set, nodes: map[string]*entry{}}, nil
+	if r.metrics, err = newMetrics(); err != nil {
+		return nil, err
+	}
+	r.challenges = newChallenger(r)
+	return r, nil
 }
 
-// Run consumes heartbeats and sweeps silent nodes until ctx ends.
+// Run consumes heartbeats, sweeps silent nodes, challenges nodes and
+// answers queries until ctx ends.
 func (r *Registry) Run(ctx context.Context) error {
-	// A queue group lets several registries share the heartbeat load.
-	sub, err := r.bus.NC.QueueSubscribe(subjects.HeartbeatAll, "registry", func(m *nats.Msg) { r.onHeartbeat(ctx, m) })
-	if err != nil {
-		return fmt.Errorf("subscribe heartbeats: %w", err)
+	if err := r.loadRecords(ctx); err != nil {
+		return err
 	}
-	defer sub.Unsubscribe()
-	sub.SetPendingLimits(-1, -1)
-	t := time.NewTicker(r.cfg.SweepInterval)
+	in, err := r.startIntake(ctx)
+	if err != nil {
+		return err
+	}
+	defer in.stop()
+	svc, err := r.startService()
+	if err != nil {
+		return err
+	}
+	defer func() { _ = svc.Stop() }()
+	if r.cfg.HTTPAddr != "" {
+		ln, err := net.Listen("tcp", r.cfg.HTTPAddr)
+		if err != nil {
+			return fmt.Errorf("registry http %s: %w", r.cfg.HTTPAddr, err)
+		}
+		srv := &http.Server{Handler: r.httpHandler(), ReadHeaderTimeout: 5 * time.Second}
+		go func() { _ = srv.Serve(ln) }()
+		defer srv.Close()
+		r.log.Info("registry http view listening", "addr", ln.Addr().String())
+		if r.deps.Listening != nil {
+			r.deps.Listening(ln.Addr().String())
+		}
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	r.challenges.ctx = cctx
+	defer r.challenges.stop()
+	defer cancel()
+	t := time.NewTimer(r.cfg.SweepInterval)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
+			// Let queued record writes and events reach the stream.
+			select {
+			case <-r.js.PublishAsyncComplete():
+			case <-time.After(2 * time.Second):
+			}
 			return nil
 		case now := <-t.C:
-			r.sweep(ctx, now)
+			t.Reset(r.sweep(now))
+			r.challenges.schedule(now)
 		}
-	}
-}
-
-// onHeartbeat validates a heartbeat and updates the node's record.
-func (r *Registry) onHeartbeat(ctx context.Context, m *nats.Msg) {
-	if err := r.schema.Validate(wire.SchemaHeartbeat, m.Data); err != nil {
-		r.reject(ctx, m, "invalid_heartbeat", err)
-		return
-	}
-	var hb wire.Heartbeat
-	if err := json.Unmarshal(m.Data, &hb); err != nil {
-		r.reject(ctx, m, "invalid_heartbeat", err)
-		return
-	}
-	if m.Subject != subjects.Heartbeat(hb.Node) {
-		r.reject(ctx, m, "wrong_subject", fmt.Errorf("heartbeat of node %q published on %s", hb.Node, m.Subject))
-		return
-	}
-	now := time.Now().UTC()
-	r.mu.Lock()
-	e := r.nodes[hb.Node]
-	joined := e == nil
-	if joined {
-		e = &entry{rec: wire.NodeRecord{JoinedAt: now}}
-		r.nodes[hb.Node] = e
-	} else if hb.PublicKey != e.rec.Heartbeat.PublicKey {
-		r.mu.Unlock()
-		r.reject(ctx, m, "key_changed", fmt.Errorf("node %s announced key %s, registered with %s", hb.Node, hb.PublicKey, e.rec.Heartbeat.PublicKey))
-		return
-	}
-	prevState := e.rec.State
-	e.rec.Heartbeat = hb
-	e.rec.LastSeen = now
-	e.rec.State = hb.State
-	e.interval = time.Duration(hb.IntervalMS) * time.Millisecond
-	e.lastSeen = now
-	rec := e.rec
-	r.mu.Unlock()
-
-	if err := r.put(ctx, rec, e.interval); err != nil {
-		r.log.Warn("node record not stored", "node", hb.Node, "err", err)
-	}
-	switch {
-	case joined:
-		r.event(ctx, hb.Node, wire.MemberJoined, "")
-	case prevState != hb.State && hb.State == wire.NodeDraining:
-		r.event(ctx, hb.Node, wire.MemberDraining, "")
-	}
-}
-
-// put stores rec with a TTL of MissedBeats intervals, so that the record
-// disappears even if no registry is left to remove it.
-func (r *Registry) put(ctx context.Context, rec wire.NodeRecord, interval time.Duration) error {
-	b, err := json.Marshal(rec)
-	if err != nil {
-		return err
-	}
-	// JetStream takes per-message TTLs in whole seconds, at least one.
-	ttl := max((time.Duration(r.cfg.MissedBeats)*interval+time.Second-1)/time.Second, 1)
-	msg := nats.NewMsg("$KV." + subjects.BucketNodes + "." + rec.Heartbeat.Node)
-	msg.Header.Set(jetstream.MsgTTLHeader, fmt.Sprintf("%ds", ttl))
-	msg.Data = b
-	_, err = r.bus.JS.PublishMsg(ctx, msg)
-	return err
-}
-
-// sweep removes nodes silent for MissedBeats intervals and announces "left".
-func (r *Registry) sweep(ctx context.Context, now time.Time) {
-	var gone []string
-	r.mu.Lock()
-	for id, e := range r.nodes {
-		if now.Sub(e.lastSeen) > time.Duration(r.cfg.MissedBeats)*e.interval {
-			gone = append(gone, id)
-			delete(r.nodes, id)
-		}
-	}
-	r.mu.Unlock()
-	for _, id := range gone {
-		if err := r.kv.Delete(ctx, id); err != nil {
-			r.log.Warn("node record not deleted", "node", id, "err", err)
-		}
-		r.event(ctx, id, wire.MemberLeft, "no heartbeat")
-	}
-}
-
-func (r *Registry) event(ctx context.Context, node, kind, reason string) {
-	ev := wire.MembershipEvent{ID: nuid.Next(), Node: node, Kind: kind, Reason: reason, Time: time.Now().UTC()}
-	b, _ := json.Marshal(ev)
-	msg := nats.NewMsg(subjects.Membership(node, kind))
-	msg.Header.Set(wire.HdrMsgID, ev.ID)
-	msg.Data = b
-	if _, err := r.bus.JS.PublishMsg(ctx, msg); err != nil {
-		r.log.Warn("membership event not stored", "node", node, "kind", kind, "err", err)
-		return
-	}
-	r.log.Info("membership", "node", node, "event", kind, "reason", reason)
-}
-
-func (r *Registry) reject(ctx context.Context, m *nats.Msg, reason string, err error) {
-	if derr := bus.DeadLetter(ctx, r.bus.JS, "registry", reason, err, m, 0); derr != nil {
-		r.log.Error("dead letter failed", "err", derr)
 	}
 }

@@ -13,6 +13,8 @@ import (
 	"path/filepath"
 
 	"github.com/nats-io/nkeys"
+
+	"github.com/tessera-grid/tessera/pkg/nodesig"
 )
 
 // Identity is a node's key pair. It is safe for concurrent use.
@@ -136,17 +138,7 @@ func (id *Identity) Sign(data []byte) ([]byte, error) {
 // Verify checks that sig is pub's ed25519 signature of data; pub must be a
 // user nkey.
 func Verify(pub string, data, sig []byte) error {
-	if !nkeys.IsValidPublicUserKey(pub) {
-		return fmt.Errorf("verify: %w: %q", ErrBadPublicKey, pub)
-	}
-	kp, err := nkeys.FromPublicKey(pub)
-	if err != nil {
-		return fmt.Errorf("verify: %w: %w", ErrBadPublicKey, err)
-	}
-	if err := kp.Verify(data, sig); err != nil {
-		return fmt.Errorf("verify signature by %s: %w", pub, ErrBadSignature)
-	}
-	return nil
+	return nodesig.Verify(pub, data, sig)
 }
 
 // wipe overwrites secret bytes once they are no longer needed.

@@ -42,6 +42,9 @@ type Options struct {
 	MemoryBudget uint64
 	// Signer signs usage events; nil publishes them unsigned.
 	Signer UsageSigner
+	// TamperChallenge, when set, alters every challenge answer before it is
+	// sent: tests use it to play a node that computes wrongly.
+	TamperChallenge func(out []float32)
 }
 
 // UsageSigner signs usage events before they are published.
@@ -122,6 +125,10 @@ func (n *Node) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("subscribe control: %w", err)
 	}
+	chal, err := n.bus.NC.Subscribe(subjects.Challenge(n.opts.ID), n.onChallenge)
+	if err != nil {
+		return fmt.Errorf("subscribe challenge: %w", err)
+	}
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); n.watchPlans(ctx) }()
@@ -130,6 +137,7 @@ func (n *Node) Run(ctx context.Context) error {
 	// Stop taking work, finish what is queued, then account for it.
 	_ = sub.Drain()
 	_ = ctl.Unsubscribe()
+	_ = chal.Unsubscribe()
 	n.waitSubDrained(sub)
 	n.inflight.Wait()
 	_ = rel.Unsubscribe()
@@ -177,7 +185,7 @@ func (n *Node) Status() Status {
 	}
 	var cacheBytes int64
 	for _, se := range n.sessions {
-		cacheBytes += se.cache.Bytes()
+		cacheBytes += se.cacheBytes.Load()
 	}
 	s.CacheBytes = uint64(cacheBytes)
 	s.Fetch = wire.FetchProgress{BytesDone: n.fetch.done.Load(), BytesTotal: n.fetch.total.Load()}

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -29,6 +30,9 @@ type session struct {
 	customer string
 	usage    wire.UsageEvent
 	last     time.Time
+	// cacheBytes is the cache's size, stored by the runner after each
+	// forward pass so that Status can read it while the cache grows.
+	cacheBytes atomic.Int64
 }
 
 // session returns j's session, creating it on first use.

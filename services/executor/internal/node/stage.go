@@ -293,6 +293,9 @@ func (n *Node) runBatch(r *runner, man wire.ModelManifest, batch []*job, items [
 	start := time.Now()
 	err := r.stage.Forward(items)
 	elapsed := time.Since(start)
+	for _, se := range sessions {
+		se.cacheBytes.Store(se.cache.Bytes())
+	}
 	if err != nil {
 		// Run one by one so that a bad item fails alone.
 		for i, j := range batch {
