@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -300,5 +301,80 @@ func TestConcurrentRequestsKeepTheirOutput(t *testing.T) {
 		if err := <-errs; err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// A client that disconnects cancels its request: every executor frees the
+// request's KV caches.
+func TestCancelledRequestFreesCaches(t *testing.T) {
+	g, base := startPipeline(t, 3)
+	ctx, cancel := context.WithCancel(context.Background())
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+"/v1/completions",
+		strings.NewReader(`{"model":"stories260k","prompt":"Once upon a time","max_tokens":500,"temperature":0,"stream":true}`))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nodes, _ := g.Admin.JS.KeyValue(context.Background(), subjects.BucketNodes)
+	sessions := func() (int, error) {
+		total := 0
+		for i := 1; i <= 3; i++ {
+			e, err := nodes.Get(context.Background(), local.ExecutorName(i))
+			if err != nil {
+				return 0, err
+			}
+			var r wire.NodeRecord
+			if err := json.Unmarshal(e.Value(), &r); err != nil {
+				return 0, err
+			}
+			total += r.Heartbeat.Sessions
+		}
+		return total, nil
+	}
+	// Read until every executor holds the request's caches, then hang up.
+	sc := bufio.NewScanner(resp.Body)
+	id := ""
+	bustest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
+		if !sc.Scan() {
+			return fmt.Errorf("stream ended: %v", sc.Err())
+		}
+		if line, ok := strings.CutPrefix(sc.Text(), "data: "); ok && id == "" {
+			var c wire.CompletionResponse
+			_ = json.Unmarshal([]byte(line), &c)
+			id = c.ID
+		}
+		n, err := sessions()
+		if err != nil {
+			return err
+		}
+		if n != 3 {
+			return fmt.Errorf("%d sessions open, want 3 while the request runs", n)
+		}
+		return nil
+	})
+	cancel()
+	resp.Body.Close()
+	bustest.CheckFor(t, 10*time.Second, 50*time.Millisecond, func() error {
+		n, err := sessions()
+		if err != nil {
+			return err
+		}
+		if n != 0 {
+			return fmt.Errorf("%d sessions still open after the client left", n)
+		}
+		return nil
+	})
+	// The head stage's usage shows the request stopped early.
+	st, err := g.Admin.JS.Stream(context.Background(), subjects.StreamUsage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := st.GetLastMsgForSubject(context.Background(), subjects.UsageNode(local.ExecutorName(3)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var u wire.UsageEvent
+	if err := json.Unmarshal(m.Data, &u); err != nil || u.Request != id || u.GeneratedTokens >= 500 {
+		t.Fatalf("head usage %+v (%v): want request %s cut short of 500 tokens", u, err, id)
 	}
 }

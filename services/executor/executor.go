@@ -347,7 +347,7 @@ func (h *heartbeater) send(state string) {
 		Seq: h.seq, Time: time.Now().UTC(), IntervalMS: h.cfg.HeartbeatInterval.Milliseconds(),
 		State: state, Devices: devices, MemoryBudget: h.budget, MemoryFree: free,
 		Models: st.Models, Fragments: st.Fragments, Fetch: st.Fetch,
-		KVTokensFree: st.KVTokensFree, QueueDepth: st.QueueDepth,
+		KVTokensFree: st.KVTokensFree, QueueDepth: st.QueueDepth, Sessions: st.Sessions,
 		Speed: h.speeds.Samples(devices, h.models),
 	}
 	if err := h.id.SignHeartbeat(&hb); err != nil {

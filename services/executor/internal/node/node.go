@@ -168,6 +168,7 @@ type Status struct {
 	Models       []string
 	Fetch        wire.FetchProgress
 	QueueDepth   int
+	Sessions     int
 	WeightBytes  uint64
 	CacheBytes   uint64
 	KVTokensFree int64
@@ -177,7 +178,7 @@ type Status struct {
 func (n *Node) Status() Status {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	s := Status{Draining: n.draining, QueueDepth: int(n.queued.Load())}
+	s := Status{Draining: n.draining, QueueDepth: int(n.queued.Load()), Sessions: len(n.sessions)}
 	for id, m := range n.models {
 		s.Models = append(s.Models, id)
 		s.Fragments = append(s.Fragments, m.fragmentIDs()...)
