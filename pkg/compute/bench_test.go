@@ -1,0 +1,162 @@
+package compute
+
+import (
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tessera-grid/tessera/pkg/benchfig"
+	"github.com/tessera-grid/tessera/pkg/model"
+	"github.com/tessera-grid/tessera/pkg/wire"
+)
+
+// BenchShape is stories110M's shape (llama2.c's 110M-parameter model); the
+// speed of a forward pass depends only on the shape, so a synthetic model
+// stands in for the trained one.
+var benchShape = wire.ModelConfig{Dim: 768, HiddenDim: 2048, Layers: 12, Heads: 12, KVHeads: 12, Vocab: 32000, SeqLen: 1024, SharedClassifier: true}
+
+// benchModel synthesizes the benchmark model once per test binary.
+var benchModel = sync.OnceValues(func() (*model.Checkpoint, error) {
+	return model.Synthesize(benchShape, 1)
+})
+
+// benchStage returns the whole benchmark model as one stage stored in
+// dtype, loaded the way executors load it: from fragment blobs.
+func benchStage(b *testing.B, dtype string) *Stage {
+	b.Helper()
+	ck, err := benchModel()
+	if err != nil {
+		b.Fatal(err)
+	}
+	st, err := stageFromFragments(ck, dtype, NewPool(0))
+	if err != nil {
+		b.Fatal(err)
+	}
+	return st
+}
+
+// stageFromFragments cuts ck into fragments of dtype and builds one stage
+// of all of them.
+func stageFromFragments(ck *model.Checkpoint, dtype string, pool *Pool) (*Stage, error) {
+	blobs, _, err := model.Fragments("bench", ck, nil, model.FragmentOptions{DType: dtype})
+	if err != nil {
+		return nil, err
+	}
+	c := ck.Config
+	var emb *Embedding
+	var head *Head
+	layers := make([]*Layer, c.Layers)
+	for _, bl := range blobs {
+		f, err := model.DecodeFragment(bl.Ref.ID, bl.Data)
+		if err != nil {
+			return nil, err
+		}
+		switch bl.Ref.Kind {
+		case model.KindEmbed:
+			emb, err = EmbeddingFromFragment(c, f)
+		case model.KindHead:
+			head, err = HeadFromFragment(c, f)
+		case model.KindLayer:
+			layers[bl.Ref.Layer], err = LayerFromFragment(c, f)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return NewStage(c, 0, c.Layers, emb, layers, head, pool)
+}
+
+func benchTokens(n int) []int32 {
+	g := uint64(12345)
+	out := make([]int32, n)
+	for i := range out {
+		g ^= g << 13
+		g ^= g >> 7
+		g ^= g << 17
+		out[i] = int32(3 + g%uint64(benchShape.Vocab-3))
+	}
+	return out
+}
+
+// decodeContext is the positions decode cycles through, as llama-bench's
+// tg128 generates 128 tokens from an empty context.
+const decodeContext = 128
+
+// BenchmarkDecode measures single-sequence generation: one token per
+// forward pass at positions 0..127 in turn, the whole model in one process.
+func BenchmarkDecode(b *testing.B) {
+	for _, tc := range []struct{ dtype, figure string }{
+		{"f32", "decode_tok_s_single"},
+		{"f16", "decode_tok_s_f16_single"},
+		{"q8_0", "decode_tok_s_q8_single"},
+	} {
+		b.Run(tc.dtype, func(b *testing.B) {
+			st := benchStage(b, tc.dtype)
+			cache := NewCache(st.Config, st.Config.Layers)
+			toks := benchTokens(decodeContext)
+			it := &Item{Cache: cache, N: 1}
+			step := func(pos int) {
+				it.Pos = pos
+				it.Tokens = toks[pos : pos+1]
+				if err := st.Forward([]*Item{it}); err != nil {
+					b.Fatal(err)
+				}
+			}
+			for pos := 0; pos < decodeContext; pos++ { // warm up: grow every buffer
+				step(pos)
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			start := time.Now()
+			for i := 0; i < b.N; i++ {
+				step(i % decodeContext)
+			}
+			tps := float64(b.N) / time.Since(start).Seconds()
+			b.ReportMetric(tps, "tok/s")
+			record(b, tc.figure, tps)
+		})
+	}
+}
+
+// prefillTokens is the prompt length, as llama-bench's pp512.
+const prefillTokens = 512
+
+// BenchmarkPrefill measures prompt processing: 512 tokens in one forward
+// pass from an empty cache.
+func BenchmarkPrefill(b *testing.B) {
+	for _, tc := range []struct{ dtype, figure string }{
+		{"f32", "prefill_tok_s_single"},
+		{"f16", "prefill_tok_s_f16_single"},
+		{"q8_0", "prefill_tok_s_q8_single"},
+	} {
+		b.Run(tc.dtype, func(b *testing.B) {
+			st := benchStage(b, tc.dtype)
+			cache := NewCache(st.Config, st.Config.Layers)
+			it := &Item{Cache: cache, N: prefillTokens, Tokens: benchTokens(prefillTokens)}
+			if err := st.Forward([]*Item{it}); err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			start := time.Now()
+			for i := 0; i < b.N; i++ {
+				if err := st.Forward([]*Item{it}); err != nil {
+					b.Fatal(err)
+				}
+			}
+			tps := float64(b.N*prefillTokens) / time.Since(start).Seconds()
+			b.ReportMetric(tps, "tok/s")
+			record(b, tc.figure, tps)
+		})
+	}
+}
+
+// record stores a figure in bench/results.json when benchmarks run under
+// make bench (TESSERA_BENCH_RESULTS set).
+func record(b *testing.B, name string, v float64) {
+	b.Helper()
+	if err := benchfig.Record(map[string]float64{name: v}); err != nil {
+		b.Fatal(fmt.Errorf("record %s: %w", name, err))
+	}
+}
