@@ -36,37 +36,6 @@ func benchStage(b *testing.B, dtype string) *Stage {
 	return st
 }
 
-// stageFromFragments cuts ck into fragments of dtype and builds one stage
-// of all of them.
-func stageFromFragments(ck *model.Checkpoint, dtype string, pool *Pool) (*Stage, error) {
-	blobs, _, err := model.Fragments("bench", ck, nil, model.FragmentOptions{DType: dtype})
-	if err != nil {
-		return nil, err
-	}
-	c := ck.Config
-	var emb *Embedding
-	var head *Head
-	layers := make([]*Layer, c.Layers)
-	for _, bl := range blobs {
-		f, err := model.DecodeFragment(bl.Ref.ID, bl.Data)
-		if err != nil {
-			return nil, err
-		}
-		switch bl.Ref.Kind {
-		case model.KindEmbed:
-			emb, err = EmbeddingFromFragment(c, f)
-		case model.KindHead:
-			head, err = HeadFromFragment(c, f)
-		case model.KindLayer:
-			layers[bl.Ref.Layer], err = LayerFromFragment(c, f)
-		}
-		if err != nil {
-			return nil, err
-		}
-	}
-	return NewStage(c, 0, c.Layers, emb, layers, head, pool)
-}
-
 func benchTokens(n int) []int32 {
 	g := uint64(12345)
 	out := make([]int32, n)

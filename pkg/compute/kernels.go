@@ -1,7 +1,6 @@
 package compute
 
 import (
-	"encoding/binary"
 	"math"
 	"unsafe"
 
@@ -128,53 +127,63 @@ func f16ToF32(dst []float32, src []uint16) {
 	}
 }
 
-// dotQ8 is the dot product of q8_0 weight blocks w with activations
-// quantized per block of 32 (values xq, scales xd).
-func dotQ8(w []byte, xq []int8, xd []float32) float32 {
-	nb := len(w) / model.Q8BlockBytes
-	if nb == 0 {
-		return 0
-	}
-	xq, xd = xq[:nb*model.Q8Block], xd[:nb]
-	if simd.avx2 {
-		return dotQ8AVX2(&w[0], &xq[0], &xd[0], nb)
-	}
-	return dotQ8Go(w, xq, xd)
-}
-
-func dotQ8Go(w []byte, xq []int8, xd []float32) float32 {
-	nb := len(w) / model.Q8BlockBytes
+// dotQ8 is the dot product of q8_0 weights (values wq, half-precision
+// scales ws) with activations quantized per block of 32 (values xq, their
+// absolute values xa, scales xd).
+func dotQ8(wq []int8, ws []uint16, xq, xa []int8, xd []float32) float32 {
+	n := len(wq)
+	xq, xa = xq[:n], xa[:n]
 	var s float32
-	for b := 0; b < nb; b++ {
-		blk := w[b*model.Q8BlockBytes : (b+1)*model.Q8BlockBytes]
-		q := xq[b*model.Q8Block : (b+1)*model.Q8Block]
-		var acc int32
-		for i, v := range q {
-			acc += int32(int8(blk[2+i])) * int32(v)
-		}
-		s += model.F32FromF16(binary.LittleEndian.Uint16(blk)) * xd[b] * float32(acc)
+	v := 0
+	if simd.avx2 && n >= 8*model.Q8Block {
+		ng := n / (8 * model.Q8Block)
+		v = ng * 8 * model.Q8Block
+		_ = ws[ng*8-1]
+		_ = xd[ng*8-1]
+		s = dotQ8AVX2(&wq[0], &ws[0], &xq[0], &xa[0], &xd[0], ng)
+	}
+	if v < n {
+		b := v / model.Q8Block
+		s += dotQ8Go(wq[v:], ws[b:], xq[v:], xd[b:])
 	}
 	return s
 }
 
-// dequantQ8 expands q8_0 blocks src into dst (32 values per block).
-func dequantQ8(dst []float32, src []byte) {
-	nb := len(src) / model.Q8BlockBytes
+func dotQ8Go(wq []int8, ws []uint16, xq []int8, xd []float32) float32 {
+	var s float32
+	for b := 0; b*model.Q8Block < len(wq); b++ {
+		w := wq[b*model.Q8Block : (b+1)*model.Q8Block]
+		q := xq[b*model.Q8Block : (b+1)*model.Q8Block]
+		var acc int32
+		for i, v := range w {
+			acc += int32(v) * int32(q[i])
+		}
+		s += model.F32FromF16(ws[b]) * xd[b] * float32(acc)
+	}
+	return s
+}
+
+// dequantQ8 expands q8_0 values q with scales sc into dst.
+func dequantQ8(dst []float32, q []int8, sc []uint16) {
+	nb := len(q) / model.Q8Block
 	if nb == 0 {
 		return
 	}
 	dst = dst[:nb*model.Q8Block]
 	if simd.avx2 {
-		dequantQ8AVX2(&dst[0], &src[0], nb)
+		_ = sc[nb-1]
+		dequantQ8AVX2(&dst[0], &q[0], &sc[0], nb)
 		return
 	}
-	model.DequantizeQ8_0(dst, src)
+	for i := range dst {
+		dst[i] = model.F32FromF16(sc[i/model.Q8Block]) * float32(q[i])
+	}
 }
 
 // quantizeQ8 quantizes x (a multiple of 32 values) per block of 32 into
-// values q and scales d, as llama.cpp quantizes activations for q8_0
-// matrix products: d = max|x|/127, q = round(x/d).
-func quantizeQ8(q []int8, d []float32, x []float32) {
+// values q, their absolute values a, and scales d, as llama.cpp quantizes
+// activations for q8_0 matrix products: d = max|x|/127, q = round(x/d).
+func quantizeQ8(q, a []int8, d []float32, x []float32) {
 	for b := 0; b*model.Q8Block < len(x); b++ {
 		blk := x[b*model.Q8Block : (b+1)*model.Q8Block]
 		var amax float32
@@ -187,9 +196,12 @@ func quantizeQ8(q []int8, d []float32, x []float32) {
 		if s != 0 {
 			inv = 1 / s
 		}
-		out := q[b*model.Q8Block : (b+1)*model.Q8Block]
+		qb := q[b*model.Q8Block : (b+1)*model.Q8Block]
+		ab := a[b*model.Q8Block : (b+1)*model.Q8Block]
 		for i, v := range blk {
-			out[i] = int8(roundHalfAway(v * inv))
+			r := int8(roundHalfAway(v * inv))
+			qb[i] = r
+			ab[i] = max(r, -r)
 		}
 	}
 }
@@ -212,6 +224,36 @@ func rmsnorm(out, x, w []float32) {
 	for i := range out[:len(x)] {
 		out[i] = w[i] * (inv * x[i])
 	}
+}
+
+// expScaled replaces x by e^(scale·x - max) and returns the sum: softmax
+// without its final division, which callers fold into later arithmetic.
+func expScaled(x []float32, scale float32) float32 {
+	n := len(x)
+	for i := range x {
+		x[i] *= scale
+	}
+	v := 0
+	var m float32
+	if simd.avx2 && n >= 8 {
+		v = n &^ 7
+		m = maxF32AVX2(&x[0], v)
+	} else {
+		m = x[0]
+	}
+	for _, e := range x[v:] {
+		m = max(m, e)
+	}
+	var sum float32
+	if v > 0 {
+		sum = expSumAVX2(&x[0], v, m)
+	}
+	for i := v; i < n; i++ {
+		e := float32(math.Exp(float64(x[i] - m)))
+		x[i] = e
+		sum += e
+	}
+	return sum
 }
 
 // softmax normalises x in place.

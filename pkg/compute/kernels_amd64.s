@@ -230,58 +230,71 @@ f16dotdone:
 	MOVSS X0, ret+24(FP)
 	RET
 
-// Q8BLOCK multiplies one q8_0 weight block at off(SI) by the activation
-// block at off2(DI) with scale at off3(DX) and accumulates into ACC: the
-// sign trick makes the weights unsigned (|w|) and moves their signs onto
-// x, so that VPMADDUBSW (unsigned × signed bytes) can form the products.
-// Y15 holds int16 ones.
-#define Q8BLOCK(off, off2, off3, ACC) \
-	MOVWLZX off(SI), AX; \
-	VMOVD AX, X4; \
-	VCVTPH2PS X4, X4; \
-	VMULSS off3(DX), X4, X4; \
-	VBROADCASTSS X4, Y4; \
-	VMOVDQU off+2(SI), Y5; \
-	VMOVDQU off2(DI), Y6; \
-	VPSIGNB Y5, Y6, Y6; \
-	VPABSB Y5, Y5; \
-	VPMADDUBSW Y6, Y5, Y5; \
-	VPMADDWD Y15, Y5, Y5; \
-	VCVTDQ2PS Y5, Y5; \
-	VFMADD231PS Y5, Y4, ACC
+// Q8PAIR multiplies the 32 weights at off(SI) with the 32 activations at
+// off(DI) into eight int32 partial sums in R. The sign trick makes the
+// bytes fit VPMADDUBSW (unsigned × signed): |x| (at off(R8), computed
+// once per input) times w carrying x's sign. Pair sums stay below 2·127²,
+// inside int16. Y15 holds int16 ones.
+#define Q8PAIR(off, R) \
+	VMOVDQU off(SI), Y5; \
+	VPSIGNB off(DI), Y5, Y5; \
+	VMOVDQU off(R8), Y6; \
+	VPMADDUBSW Y5, Y6, R; \
+	VPMADDWD Y15, R, R
 
-// func dotQ8AVX2(w *byte, xq *int8, xd *float32, nb int) float32
-TEXT ·dotQ8AVX2(SB), NOSPLIT, $0-36
-	MOVQ w+0(FP), SI
-	MOVQ xq+8(FP), DI
-	MOVQ xd+16(FP), DX
-	MOVQ nb+24(FP), CX
+// func dotQ8AVX2(wq *int8, ws *uint16, xq *int8, xa *int8, xd *float32, ng int) float32
+//
+// Eight blocks per step: their partial sums are reduced with a tree of
+// horizontal adds into one vector of eight block dots, which is converted
+// and scaled by the eight weight scales (one F16C conversion) times the
+// eight activation scales.
+TEXT ·dotQ8AVX2(SB), NOSPLIT, $0-52
+	MOVQ wq+0(FP), SI
+	MOVQ ws+8(FP), BX
+	MOVQ xq+16(FP), DI
+	MOVQ xa+24(FP), R8
+	MOVQ xd+32(FP), DX
+	MOVQ ng+40(FP), CX
 	VXORPS Y0, Y0, Y0
-	VXORPS Y1, Y1, Y1
 	VPCMPEQW Y15, Y15, Y15
 	VPSRLW $15, Y15, Y15
-
-q8dot2:
-	CMPQ CX, $2
-	JL   q8dot1
-	Q8BLOCK(0, 0, 0, Y0)
-	Q8BLOCK(34, 32, 4, Y1)
-	ADDQ $68, SI
-	ADDQ $64, DI
-	ADDQ $8, DX
-	SUBQ $2, CX
-	JMP  q8dot2
-
-q8dot1:
 	TESTQ CX, CX
-	JZ    q8dotdone
-	Q8BLOCK(0, 0, 0, Y0)
+	JZ    q8done
 
-q8dotdone:
-	VADDPS Y1, Y0, Y0
+q8loop:
+	Q8PAIR(0, Y1)
+	Q8PAIR(32, Y2)
+	VPHADDD Y2, Y1, Y1
+	Q8PAIR(64, Y2)
+	Q8PAIR(96, Y3)
+	VPHADDD Y3, Y2, Y2
+	VPHADDD Y2, Y1, Y1
+	Q8PAIR(128, Y2)
+	Q8PAIR(160, Y3)
+	VPHADDD Y3, Y2, Y2
+	Q8PAIR(192, Y3)
+	Q8PAIR(224, Y4)
+	VPHADDD Y4, Y3, Y3
+	VPHADDD Y3, Y2, Y2
+	VPERM2I128 $0x20, Y2, Y1, Y3
+	VPERM2I128 $0x31, Y2, Y1, Y4
+	VPADDD Y4, Y3, Y3
+	VCVTDQ2PS Y3, Y3
+	VCVTPH2PS (BX), Y4
+	VMULPS (DX), Y4, Y4
+	VFMADD231PS Y3, Y4, Y0
+	ADDQ $256, SI
+	ADDQ $256, DI
+	ADDQ $256, R8
+	ADDQ $16, BX
+	ADDQ $32, DX
+	DECQ CX
+	JNZ  q8loop
+
+q8done:
 	HSUM(Y0, X0, X1)
 	VZEROUPPER
-	MOVSS X0, ret+32(FP)
+	MOVSS X0, ret+48(FP)
 	RET
 
 // func f16ToF32AVX2(dst *float32, src *uint16, n int)
@@ -304,23 +317,22 @@ f16done:
 	VZEROUPPER
 	RET
 
-// func dequantQ8AVX2(dst *float32, src *byte, nb int)
-TEXT ·dequantQ8AVX2(SB), NOSPLIT, $0-24
+// func dequantQ8AVX2(dst *float32, q *int8, sc *uint16, nb int)
+TEXT ·dequantQ8AVX2(SB), NOSPLIT, $0-32
 	MOVQ dst+0(FP), DI
-	MOVQ src+8(FP), SI
-	MOVQ nb+16(FP), CX
+	MOVQ q+8(FP), SI
+	MOVQ sc+16(FP), BX
+	MOVQ nb+24(FP), CX
 	TESTQ CX, CX
 	JZ    dqdone
 
 dqloop:
-	MOVWLZX (SI), AX
-	VMOVD AX, X0
-	VCVTPH2PS X0, X0
-	VBROADCASTSS X0, Y0
-	VPMOVSXBD 2(SI), Y1
-	VPMOVSXBD 10(SI), Y2
-	VPMOVSXBD 18(SI), Y3
-	VPMOVSXBD 26(SI), Y4
+	VPBROADCASTW (BX), X0
+	VCVTPH2PS X0, Y0
+	VPMOVSXBD (SI), Y1
+	VPMOVSXBD 8(SI), Y2
+	VPMOVSXBD 16(SI), Y3
+	VPMOVSXBD 24(SI), Y4
 	VCVTDQ2PS Y1, Y1
 	VCVTDQ2PS Y2, Y2
 	VCVTDQ2PS Y3, Y3
@@ -333,11 +345,186 @@ dqloop:
 	VMOVUPS Y2, 32(DI)
 	VMOVUPS Y3, 64(DI)
 	VMOVUPS Y4, 96(DI)
-	ADDQ $34, SI
+	ADDQ $32, SI
+	ADDQ $2, BX
 	ADDQ $128, DI
 	DECQ CX
 	JNZ  dqloop
 
 dqdone:
 	VZEROUPPER
+	RET
+
+// func attnOut4AVX2(o *float32, ldo int, p *float32, ldp int, v *float32, n int, hs int)
+//
+// o[i][c] = Σ_t p[i][t]·v[t][c] for 4 rows i and hs columns c (hs a
+// multiple of 16; v rows hs apart): 16 columns at a time, each value of v
+// loaded once for the 4 rows.
+TEXT ·attnOut4AVX2(SB), NOSPLIT, $0-56
+	MOVQ o+0(FP), DX
+	MOVQ ldo+8(FP), R11
+	SHLQ $2, R11
+	LEAQ (R11)(R11*2), R12
+	MOVQ p+16(FP), R8
+	MOVQ ldp+24(FP), R9
+	SHLQ $2, R9
+	LEAQ (R9)(R9*2), R10
+	MOVQ v+32(FP), R13
+	MOVQ n+40(FP), R14
+	MOVQ hs+48(FP), R15
+	SHLQ $2, R15
+	XORQ AX, AX // column offset in bytes
+
+aocol:
+	CMPQ AX, R15
+	JGE  aodone
+	VXORPS Y0, Y0, Y0
+	VXORPS Y1, Y1, Y1
+	VXORPS Y2, Y2, Y2
+	VXORPS Y3, Y3, Y3
+	VXORPS Y4, Y4, Y4
+	VXORPS Y5, Y5, Y5
+	VXORPS Y6, Y6, Y6
+	VXORPS Y7, Y7, Y7
+	LEAQ (R13)(AX*1), SI // v + column
+	MOVQ R8, DI          // p
+	MOVQ R14, CX
+	TESTQ CX, CX
+	JZ    aostore
+
+aot:
+	VMOVUPS (SI), Y8
+	VMOVUPS 32(SI), Y9
+	VBROADCASTSS (DI), Y10
+	VFMADD231PS Y8, Y10, Y0
+	VFMADD231PS Y9, Y10, Y1
+	VBROADCASTSS (DI)(R9*1), Y11
+	VFMADD231PS Y8, Y11, Y2
+	VFMADD231PS Y9, Y11, Y3
+	VBROADCASTSS (DI)(R9*2), Y12
+	VFMADD231PS Y8, Y12, Y4
+	VFMADD231PS Y9, Y12, Y5
+	VBROADCASTSS (DI)(R10*1), Y13
+	VFMADD231PS Y8, Y13, Y6
+	VFMADD231PS Y9, Y13, Y7
+	ADDQ R15, SI
+	ADDQ $4, DI
+	DECQ CX
+	JNZ  aot
+
+aostore:
+	LEAQ (DX)(AX*1), BX
+	VMOVUPS Y0, (BX)
+	VMOVUPS Y1, 32(BX)
+	VMOVUPS Y2, (BX)(R11*1)
+	VMOVUPS Y3, 32(BX)(R11*1)
+	VMOVUPS Y4, (BX)(R11*2)
+	VMOVUPS Y5, 32(BX)(R11*2)
+	VMOVUPS Y6, (BX)(R12*1)
+	VMOVUPS Y7, 32(BX)(R12*1)
+	ADDQ $64, AX
+	JMP  aocol
+
+aodone:
+	VZEROUPPER
+	RET
+
+// Constants of expAVX2 (Cephes' expf): clamp bounds, log2(e), ln2 split
+// in two, and the polynomial for e^r on [-ln2/2, ln2/2].
+DATA expc<>+0(SB)/4, $0xc2aeac4f  // -87.33654
+DATA expc<>+4(SB)/4, $0x3fb8aa3b  // log2(e)
+DATA expc<>+8(SB)/4, $0x3f318000  // 0.693359375
+DATA expc<>+12(SB)/4, $0xb95e8083 // -2.12194440e-4
+DATA expc<>+16(SB)/4, $0x39506967 // 1.9875691500e-4
+DATA expc<>+20(SB)/4, $0x3ab743ce // 1.3981999507e-3
+DATA expc<>+24(SB)/4, $0x3c088908 // 8.3334519073e-3
+DATA expc<>+28(SB)/4, $0x3d2aa9c1 // 4.1665795894e-2
+DATA expc<>+32(SB)/4, $0x3e2aaaaa // 1.6666665459e-1
+DATA expc<>+36(SB)/4, $0x3f000000 // 5.0000001201e-1
+DATA expc<>+40(SB)/4, $0x3f800000 // 1
+DATA expc<>+44(SB)/4, $0x0000007f // 127
+GLOBL expc<>(SB), RODATA|NOPTR, $48
+
+// func expSumAVX2(x *float32, n int, m float32) float32
+//
+// x[i] = e^(x[i]-m) for n values (a multiple of 8); returns their sum.
+// Relative error about 2e-7 (Cephes' single-precision exp); arguments
+// below -87.3 give e^-87.3 instead of a denormal.
+TEXT ·expSumAVX2(SB), NOSPLIT, $0-28
+	MOVQ x+0(FP), SI
+	MOVQ n+8(FP), CX
+	VBROADCASTSS m+16(FP), Y15
+	VBROADCASTSS expc<>+0(SB), Y14
+	VBROADCASTSS expc<>+4(SB), Y13
+	VBROADCASTSS expc<>+8(SB), Y12
+	VBROADCASTSS expc<>+12(SB), Y11
+	VBROADCASTSS expc<>+40(SB), Y10
+	VPBROADCASTD expc<>+44(SB), Y9
+	VXORPS Y8, Y8, Y8 // sum
+	SHRQ $3, CX
+	JZ   expdone
+
+exploop:
+	VMOVUPS (SI), Y0
+	VSUBPS Y15, Y0, Y0
+	VMAXPS Y14, Y0, Y0
+	VMULPS Y13, Y0, Y1
+	VROUNDPS $0, Y1, Y1 // n = round(x·log2 e)
+	VFNMADD231PS Y12, Y1, Y0 // r = x - n·C1
+	VFNMADD231PS Y11, Y1, Y0 // r -= n·C2
+	VBROADCASTSS expc<>+16(SB), Y2
+	VBROADCASTSS expc<>+20(SB), Y3
+	VFMADD213PS Y3, Y0, Y2 // p = p·r + c
+	VBROADCASTSS expc<>+24(SB), Y3
+	VFMADD213PS Y3, Y0, Y2
+	VBROADCASTSS expc<>+28(SB), Y3
+	VFMADD213PS Y3, Y0, Y2
+	VBROADCASTSS expc<>+32(SB), Y3
+	VFMADD213PS Y3, Y0, Y2
+	VBROADCASTSS expc<>+36(SB), Y3
+	VFMADD213PS Y3, Y0, Y2
+	VMULPS Y0, Y0, Y4      // r²
+	VFMADD213PS Y0, Y4, Y2 // p·r² + r
+	VADDPS Y10, Y2, Y2     // + 1
+	VCVTPS2DQ Y1, Y1
+	VPADDD Y9, Y1, Y1
+	VPSLLD $23, Y1, Y1     // 2^n
+	VMULPS Y1, Y2, Y2
+	VMOVUPS Y2, (SI)
+	VADDPS Y2, Y8, Y8
+	ADDQ $32, SI
+	DECQ CX
+	JNZ  exploop
+
+expdone:
+	HSUM(Y8, X8, X0)
+	VZEROUPPER
+	MOVSS X8, ret+24(FP)
+	RET
+
+// func maxF32AVX2(x *float32, n int) float32 (n a positive multiple of 8)
+TEXT ·maxF32AVX2(SB), NOSPLIT, $0-20
+	MOVQ x+0(FP), SI
+	MOVQ n+8(FP), CX
+	SHRQ $3, CX
+	VMOVUPS (SI), Y0
+	ADDQ $32, SI
+	DECQ CX
+	JZ   maxdone
+
+maxloop:
+	VMAXPS (SI), Y0, Y0
+	ADDQ $32, SI
+	DECQ CX
+	JNZ  maxloop
+
+maxdone:
+	VEXTRACTF128 $1, Y0, X1
+	VMAXPS X1, X0, X0
+	VPERMILPS $0x4e, X0, X1
+	VMAXPS X1, X0, X0
+	VPERMILPS $0xb1, X0, X1
+	VMAXPS X1, X0, X0
+	VZEROUPPER
+	MOVSS X0, ret+16(FP)
 	RET

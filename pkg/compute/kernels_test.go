@@ -83,34 +83,80 @@ func TestKernelsAgreeWithReference(t *testing.T) {
 				}
 			}
 		}
-		for _, nb := range []int{1, 2, 3, 24, 64} {
+		for _, nb := range []int{1, 2, 3, 8, 9, 24, 64} {
 			w := randVec(r, 32*nb)
 			x := randVec(r, 32*nb)
-			blocks, err := model.AppendQ8_0(nil, w)
+			raw, err := model.AppendQ8_0(nil, w)
 			if err != nil {
 				t.Fatal(err)
 			}
-			xq, xd := make([]int8, 32*nb), make([]float32, nb)
-			quantizeQ8(xq, xd, x)
-			want := dotQ8Go(blocks, xq, xd)
-			if got := dotQ8(blocks, xq, xd); !closeTo(float64(got), float64(want), 32*float64(nb), 1e-5) {
+			m, err := NewMatrix(1, 32*nb, Q8_0, raw)
+			if err != nil {
+				t.Fatal(err)
+			}
+			xq, xa, xd := make([]int8, 32*nb), make([]int8, 32*nb), make([]float32, nb)
+			quantizeQ8(xq, xa, xd, x)
+			want := dotQ8Go(m.q, m.scales, xq, xd)
+			if got := dotQ8(m.q, m.scales, xq, xa, xd); !closeTo(float64(got), float64(want), 32*float64(nb), 1e-5) {
 				t.Fatalf("dotQ8 nb=%d: %v, want %v", nb, got, want)
 			}
 			// Quantization error stays small against the exact product.
 			exact := dotGo(w, x)
-			if math.Abs(float64(want-exact)) > 0.02*math.Sqrt(32*float64(nb))*2 {
+			if math.Abs(float64(want-exact)) > 0.04*math.Sqrt(32*float64(nb)) {
 				t.Fatalf("dotQ8 nb=%d: %v far from exact %v", nb, want, exact)
 			}
 			deq := make([]float32, 32*nb)
-			dequantQ8(deq, blocks)
+			m.Row(0, deq)
 			ref := make([]float32, 32*nb)
-			model.DequantizeQ8_0(ref, blocks)
+			model.DequantizeQ8_0(ref, raw)
 			for i := range deq {
 				if deq[i] != ref[i] {
 					t.Fatalf("dequantQ8 nb=%d [%d]: %v, want %v", nb, i, deq[i], ref[i])
 				}
 				if math.Abs(float64(deq[i]-w[i])) > 0.03 {
 					t.Fatalf("q8_0 value %d: %v from %v", i, deq[i], w[i])
+				}
+			}
+		}
+		for _, n := range []int{1, 5, 8, 13, 64, 300} {
+			x := randVec(r, n)
+			for i := range x {
+				x[i] *= 10
+			}
+			ref := append([]float32{}, x...)
+			sum := expScaled(x, 0.5)
+			m := ref[0] * 0.5
+			for _, v := range ref {
+				m = max(m, v*0.5)
+			}
+			var want float64
+			for i, v := range ref {
+				e := math.Exp(float64(v*0.5 - m))
+				want += e
+				if math.Abs(float64(x[i])-e) > 1e-6*math.Max(e, 1e-30)+1e-37 {
+					t.Fatalf("expScaled n=%d [%d]: %v, want %v", n, i, x[i], e)
+				}
+			}
+			if math.Abs(float64(sum)-want) > 1e-5*want {
+				t.Fatalf("expScaled n=%d sum %v, want %v", n, sum, want)
+			}
+		}
+		if simd.avx2 {
+			for _, n := range []int{1, 7, 40} {
+				const hs, ldo, ldp = 32, 40, 50
+				p, v := randVec(r, 4*ldp), randVec(r, n*hs)
+				o := make([]float32, 4*ldo)
+				attnOut4AVX2(&o[0], ldo, &p[0], ldp, &v[0], n, hs)
+				for i := 0; i < 4; i++ {
+					for c := 0; c < hs; c++ {
+						var want float32
+						for k := 0; k < n; k++ {
+							want += p[i*ldp+k] * v[k*hs+c]
+						}
+						if math.Abs(float64(o[i*ldo+c]-want)) > 1e-4 {
+							t.Fatalf("attnOut4 n=%d [%d,%d]: %v, want %v", n, i, c, o[i*ldo+c], want)
+						}
+					}
 				}
 			}
 		}

@@ -35,7 +35,7 @@ type mmPart struct {
 type matmulTask struct {
 	x      []float32
 	rows   int
-	xq     []int8
+	xq, xa []int8
 	xd     []float32
 	parts  [3]mmPart
 	np     int
@@ -64,9 +64,10 @@ func (s *Stage) matmul(t *matmulTask) {
 		if q8 {
 			nb := t.rows * in / model.Q8Block
 			sc.xq = growI8(sc.xq, t.rows*in)
+			sc.xa = growI8(sc.xa, t.rows*in)
 			sc.xd = grow(sc.xd, nb)
-			quantizeQ8(sc.xq, sc.xd, t.x[:t.rows*in])
-			t.xq, t.xd = sc.xq, sc.xd
+			quantizeQ8(sc.xq, sc.xa, sc.xd, t.x[:t.rows*in])
+			t.xq, t.xa, t.xd = sc.xq, sc.xa, sc.xd
 		}
 		grain := max(16, total/(workers*8))
 		s.pool.run(t, total, grain)
@@ -130,9 +131,9 @@ func (t *matmulTask) product(w int, p mmPart, lo, hi int) {
 		tile = t.tiles[w][:(hi-lo)*in]
 		f16ToF32(tile, f16s(m.Data[lo*2*in:hi*2*in]))
 	case Q8_0:
-		rb := m.rowBytes()
+		nb := in / model.Q8Block
 		tile = t.tiles[w][:(hi-lo)*in]
-		dequantQ8(tile, m.Data[lo*rb:hi*rb])
+		dequantQ8(tile, m.q[lo*in:hi*in], m.scales[lo*nb:hi*nb])
 	}
 	gemmBlock(p.out[lo:], o, t.x, in, t.rows, tile, hi-lo)
 }
@@ -157,11 +158,11 @@ func (t *matmulTask) vector(p mmPart, lo, hi int) {
 			}
 		}
 	case Q8_0:
-		rb, nb := m.rowBytes(), in/model.Q8Block
+		nb := in / model.Q8Block
 		for j := lo; j < hi; j++ {
-			wr := m.Data[j*rb : (j+1)*rb]
+			wq, ws := m.q[j*in:(j+1)*in], m.scales[j*nb:(j+1)*nb]
 			for r := 0; r < t.rows; r++ {
-				p.out[r*o+j] = dotQ8(wr, t.xq[r*in:(r+1)*in], t.xd[r*nb:(r+1)*nb])
+				p.out[r*o+j] = dotQ8(wq, ws, t.xq[r*in:(r+1)*in], t.xa[r*in:(r+1)*in], t.xd[r*nb:(r+1)*nb])
 			}
 		}
 	}

@@ -135,9 +135,12 @@ type scratch struct {
 	// xq and xd hold inputs quantized for q8_0 products; tiles are each
 	// worker's expanded weight tiles.
 	xq    []int8
+	xa    []int8
 	xd    []float32
 	tiles [][]float32
 	cache []*Cache
+	// blocks are the first rows of attention blocks, then the row count.
+	blocks []int
 }
 
 func grow(b []float32, n int) []float32 {
@@ -280,7 +283,10 @@ func (s *Stage) ffn(l *Layer, rows int) {
 	}
 }
 
-// attentionTask computes causal attention for (row, head) pairs of a batch.
+// attentionTask computes causal attention for units of (block, head): a
+// block is up to four consecutive rows of one item, whose queries share
+// the keys they read, so that a prompt's attention runs as small matrix
+// products.
 type attentionTask struct {
 	s     *Stage
 	layer int
@@ -290,6 +296,9 @@ type attentionTask struct {
 
 var _ task = (*attentionTask)(nil)
 
+// attnBlock is the most query rows attention computes together.
+const attnBlock = 4
+
 // attention writes each row's attention output (rows × dim) to s.s.xb2.
 func (s *Stage) attention(li int, items []*Item, rows int) {
 	sc := &s.s
@@ -297,13 +306,19 @@ func (s *Stage) attention(li int, items []*Item, rows int) {
 	for r := 0; r < rows; r++ {
 		maxT = max(maxT, sc.rowPos[r]+1)
 	}
-	sc.att = grow(sc.att, s.pool.Workers()*maxT)
+	sc.att = grow(sc.att, s.pool.Workers()*attnBlock*maxT)
 	sc.cache = sc.cache[:0]
+	sc.blocks = sc.blocks[:0]
 	for r := 0; r < rows; r++ {
 		sc.cache = append(sc.cache, items[sc.rowItem[r]].Cache)
+		if r == 0 || sc.rowItem[r] != sc.rowItem[r-1] || r-sc.blocks[len(sc.blocks)-1] == attnBlock {
+			sc.blocks = append(sc.blocks, r)
+		}
 	}
+	n := len(sc.blocks)
+	sc.blocks = append(sc.blocks, rows)
 	s.att = attentionTask{s: s, layer: li, maxT: maxT, scale: float32(1 / math.Sqrt(float64(HeadSize(s.Config))))}
-	s.pool.run(&s.att, rows*s.Config.Heads, 1)
+	s.pool.run(&s.att, n*s.Config.Heads, 1)
 }
 
 func (t *attentionTask) run(w, lo, hi int) {
@@ -312,21 +327,59 @@ func (t *attentionTask) run(w, lo, hi int) {
 	dim, hs, heads := cfg.Dim, HeadSize(cfg), cfg.Heads
 	kvMul := cfg.Heads / cfg.KVHeads
 	sc := &s.s
-	att := sc.att[w*t.maxT : (w+1)*t.maxT]
-	for p := lo; p < hi; p++ {
-		r, h := p/heads, p%heads
-		n := sc.rowPos[r] + 1
-		q := sc.q[r*dim+h*hs : r*dim+(h+1)*hs]
-		kc, vc := sc.cache[r].head(t.layer, h/kvMul, n)
-		a := att[:n]
-		for i := range a {
-			a[i] = dot(q, kc[i*hs:(i+1)*hs]) * t.scale
+	att := sc.att[w*attnBlock*t.maxT : (w+1)*attnBlock*t.maxT]
+	for u := lo; u < hi; u++ {
+		b, h := u/heads, u%heads
+		r0, r1 := sc.blocks[b], sc.blocks[b+1]
+		nr := r1 - r0
+		n := sc.rowPos[r1-1] + 1 // keys the block's last row reads
+		kc, vc := sc.cache[r0].head(t.layer, h/kvMul, n)
+		q := sc.q[r0*dim+h*hs:]
+		o := sc.xb2[r0*dim+h*hs:]
+		// Scores: row i of the block reads keys [0, p0+i].
+		p := att[:nr*n]
+		if nr == attnBlock {
+			k := 0
+			for ; k+3 <= n; k += 3 {
+				gemm4x3(p[k:], n, q, dim, kc[k*hs:], hs, hs)
+			}
+			for ; k < n; k++ {
+				for i := 0; i < nr; i++ {
+					p[i*n+k] = dot(q[i*dim:i*dim+hs], kc[k*hs:(k+1)*hs])
+				}
+			}
+		} else {
+			for i := 0; i < nr; i++ {
+				for k := 0; k < n-(nr-1-i); k++ {
+					p[i*n+k] = dot(q[i*dim:i*dim+hs], kc[k*hs:(k+1)*hs])
+				}
+			}
 		}
-		softmax(a)
-		o := sc.xb2[r*dim+h*hs : r*dim+(h+1)*hs]
-		clear(o)
-		for i, wt := range a {
-			axpy(wt, vc[i*hs:(i+1)*hs], o)
+		var inv [attnBlock]float32
+		for i := 0; i < nr; i++ {
+			valid := n - (nr - 1 - i)
+			row := p[i*n : (i+1)*n]
+			inv[i] = 1 / expScaled(row[:valid], t.scale)
+			clear(row[valid:])
+		}
+		if nr == attnBlock && simd.avx2 && hs%16 == 0 {
+			attnOut4AVX2(&o[0], dim, &p[0], n, &vc[0], n, hs)
+		} else {
+			for i := 0; i < nr; i++ {
+				oi := o[i*dim : i*dim+hs]
+				clear(oi)
+				for k, wt := range p[i*n : (i+1)*n] {
+					if wt != 0 {
+						axpy(wt, vc[k*hs:(k+1)*hs], oi)
+					}
+				}
+			}
+		}
+		for i := 0; i < nr; i++ {
+			oi := o[i*dim : i*dim+hs]
+			for c := range oi {
+				oi[c] *= inv[i]
+			}
 		}
 	}
 }

@@ -61,8 +61,12 @@ type Matrix struct {
 	// F32 holds the values when DType is F32.
 	F32 []float32
 	// Data holds the raw little-endian values for F16 (2 bytes each) and
-	// Q8_0 (model.Q8BlockBytes per 32 values), row after row.
+	// Q8_0 (see model.Q8Block for the layout).
 	Data []byte
+
+	// q and scales view a Q8_0 matrix's values and block scales.
+	q      []int8
+	scales []uint16
 }
 
 // NewMatrixF32 wraps v (rows×cols, row-major) as a matrix.
@@ -105,26 +109,28 @@ func NewMatrix(rows, cols int, dtype DType, data []byte) (*Matrix, error) {
 			data = append([]byte(nil), data...)
 		}
 		m.Data = data
-	default:
+	case Q8_0:
+		n := rows * cols
+		if uintptr(unsafe.Pointer(&data[n]))%2 != 0 {
+			data = append([]byte(nil), data...)
+		}
 		m.Data = data
+		m.q = unsafe.Slice((*int8)(unsafe.Pointer(&data[0])), n)
+		m.scales = f16s(data[n:])
 	}
 	return m, nil
 }
 
-// rowBytes is the storage size of one row.
-func (m *Matrix) rowBytes() int {
-	switch m.DType {
-	case F16:
-		return 2 * m.Cols
-	case Q8_0:
-		return m.Cols / model.Q8Block * model.Q8BlockBytes
-	}
-	return 4 * m.Cols
-}
-
 // Bytes is the matrix's storage size.
 func (m *Matrix) Bytes() int64 {
-	return int64(m.Rows) * int64(m.rowBytes())
+	n := int64(m.Rows) * int64(m.Cols)
+	switch m.DType {
+	case F16:
+		return 2 * n
+	case Q8_0:
+		return n / model.Q8Block * model.Q8BlockBytes
+	}
+	return 4 * n
 }
 
 // Row writes row i's values into dst (Cols values), expanding quantized
@@ -137,7 +143,7 @@ func (m *Matrix) Row(i int, dst []float32) {
 	case F16:
 		f16ToF32(dst, f16s(m.Data[i*2*m.Cols:(i+1)*2*m.Cols]))
 	case Q8_0:
-		rb := m.rowBytes()
-		dequantQ8(dst, m.Data[i*rb:(i+1)*rb])
+		nb := m.Cols / model.Q8Block
+		dequantQ8(dst, m.q[i*m.Cols:(i+1)*m.Cols], m.scales[i*nb:(i+1)*nb])
 	}
 }

@@ -13,9 +13,12 @@ const (
 	DTypeQ8_0 = "q8_0"
 )
 
-// Q8_0 stores values in blocks of Q8Block: a float16 scale d followed by
-// Q8Block signed bytes q, each value being d·q (the layout of ggml's
-// block_q8_0, so that the bytes mean the same in both engines).
+// Q8_0 stores values in blocks of Q8Block that share one scale d, each
+// value being d·q with q a signed byte. A q8_0 tensor of n values is laid
+// out as its n bytes q (in value order) followed by its n/Q8Block scales as
+// little-endian float16: the same size as ggml's block_q8_0 array, but
+// with values and scales apart, so that kernels read 32-byte aligned
+// values and convert eight scales with one instruction.
 const (
 	Q8Block      = 32
 	Q8BlockBytes = 2 + Q8Block
@@ -88,43 +91,41 @@ func AppendF16(dst []byte, src []float32) []byte {
 	return dst
 }
 
-// AppendQ8_0 appends src (a multiple of Q8Block values) as q8_0 blocks:
+// AppendQ8_0 appends src (a multiple of Q8Block values) as a q8_0 tensor:
 // per block, d = max|x|/127 rounded to half precision and q = round(x/d).
 func AppendQ8_0(dst []byte, src []float32) ([]byte, error) {
 	if len(src)%Q8Block != 0 {
 		return dst, fmt.Errorf("q8_0 needs a multiple of %d values, have %d", Q8Block, len(src))
 	}
+	start := len(dst)
+	dst = append(dst, make([]byte, len(src)/Q8Block*Q8BlockBytes)...)
+	qs, ds := dst[start:start+len(src)], dst[start+len(src):]
 	for b := 0; b < len(src); b += Q8Block {
 		blk := src[b : b+Q8Block]
 		var amax float32
 		for _, v := range blk {
 			amax = max(amax, float32(math.Abs(float64(v))))
 		}
-		d := amax / 127
-		dh := F16FromF32(d)
+		dh := F16FromF32(amax / 127)
 		// Quantize with the scale as stored, so that d·q is what a reader sees.
 		id := float32(0)
-		if ds := F32FromF16(dh); ds != 0 {
-			id = 1 / ds
+		if d := F32FromF16(dh); d != 0 {
+			id = 1 / d
 		}
-		dst = binary.LittleEndian.AppendUint16(dst, dh)
-		for _, v := range blk {
+		binary.LittleEndian.PutUint16(ds[b/Q8Block*2:], dh)
+		for i, v := range blk {
 			q := math.Round(float64(v * id))
-			q = max(-127, min(127, q))
-			dst = append(dst, byte(int8(q)))
+			qs[b+i] = byte(int8(max(-127, min(127, q))))
 		}
 	}
 	return dst, nil
 }
 
-// DequantizeQ8_0 writes the values of q8_0 blocks src into dst.
+// DequantizeQ8_0 writes the values of the q8_0 tensor src into dst.
 func DequantizeQ8_0(dst []float32, src []byte) {
-	for b := 0; b*Q8BlockBytes < len(src) && b*Q8Block < len(dst); b++ {
-		blk := src[b*Q8BlockBytes:]
-		d := F32FromF16(binary.LittleEndian.Uint16(blk))
-		out := dst[b*Q8Block : b*Q8Block+Q8Block]
-		for i := range out {
-			out[i] = d * float32(int8(blk[2+i]))
-		}
+	n := len(src) / Q8BlockBytes * Q8Block
+	qs, ds := src[:n], src[n:]
+	for i := range dst[:n] {
+		dst[i] = F32FromF16(binary.LittleEndian.Uint16(ds[i/Q8Block*2:])) * float32(int8(qs[i]))
 	}
 }
