@@ -39,25 +39,6 @@ func stageFromFragments(ck *model.Checkpoint, dtype string, pool *Pool) (*Stage,
 	return NewStage(c, 0, c.Layers, emb, layers, head, pool)
 }
 
-// stepper feeds tokens through one stage holding the whole model.
-type stepper struct {
-	st    *Stage
-	cache *Cache
-}
-
-func (p *stepper) step(t testing.TB, pos int, toks []int) []float32 {
-	t.Helper()
-	in := make([]int32, len(toks))
-	for i, v := range toks {
-		in[i] = int32(v)
-	}
-	it := &Item{Cache: p.cache, Pos: pos, N: len(toks), Tokens: in}
-	if err := p.st.Forward([]*Item{it}); err != nil {
-		t.Fatal(err)
-	}
-	return it.Logits
-}
-
 // Quantized fragments of the demo model stay close to float32: fed the
 // reference tokens, their logits stay within a bound of float32's and
 // their greedy choices agree; generating freely, they reproduce the
@@ -88,7 +69,7 @@ func TestQuantizedModelsStayClose(t *testing.T) {
 				t.Fatalf("w2 stored as %v, want f16", st.Layers[0].W2.DType)
 			}
 			ref := newPipeline(t, ck)
-			p := &stepper{st: st, cache: NewCache(ck.Config, ck.Config.Layers)}
+			p := &pipeline{stages: []*Stage{st}, caches: []*Cache{NewCache(ck.Config, ck.Config.Layers)}}
 			lq, lf := p.step(t, 0, testmodel.PromptIDs), ref.step(t, 0, testmodel.PromptIDs)
 			pos, agree, maxErr := len(testmodel.PromptIDs), 0, 0.0
 			for _, want := range testmodel.GreedyIDs {
@@ -104,7 +85,7 @@ func TestQuantizedModelsStayClose(t *testing.T) {
 			if agree < tc.minAgree || maxErr > tc.maxErr {
 				t.Fatalf("teacher-forced: %d/60 greedy tokens agree (want >= %d), logits differ by up to %.4f (want <= %v)", agree, tc.minAgree, maxErr, tc.maxErr)
 			}
-			p.cache.Reset()
+			p.caches[0].Reset()
 			l := p.step(t, 0, testmodel.PromptIDs)
 			pos, prefix := len(testmodel.PromptIDs), 0
 			for _, want := range testmodel.GreedyIDs {
