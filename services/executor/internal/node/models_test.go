@@ -14,6 +14,7 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 
+	"github.com/tessera-grid/tessera/pkg/bus"
 	"github.com/tessera-grid/tessera/pkg/bus/bustest"
 	"github.com/tessera-grid/tessera/pkg/compute"
 	"github.com/tessera-grid/tessera/pkg/fragstore"
@@ -103,19 +104,29 @@ func whole(m wire.ModelManifest) []nodetest.Hop {
 	return []nodetest.Hop{{Node: "n1", First: 0, End: m.Config.Layers}}
 }
 
+// startPlanned starts node n1 logging to h, plans the whole model onto it,
+// and returns the node and a client connection.
+func startPlanned(t *testing.T, s *server.Server, m wire.ModelManifest, h slog.Handler) (*node.Node, *bus.Conn) {
+	t.Helper()
+	n := nodetest.Start(t, s, node.Options{ID: "n1"}, slog.New(h))
+	c := bustest.Connect(t, s, "router")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := nodetest.PutPlan(ctx, c, nodetest.Plan(m.ID, m.Config.Layers, whole(m))); err != nil {
+		t.Fatal(err)
+	}
+	return n, c
+}
+
 // A corrupted fragment is refused, fetched again, and only the good copy
 // is loaded and run: the node then generates the reference tokens, and its
 // heartbeat's fetch progress ends complete.
 func TestCorruptFragmentIsFetchedAgain(t *testing.T) {
 	s, m, restore := corruptDemo(t)
 	ref := &refusals{onFirst: restore}
-	n := nodetest.Start(t, s, node.Options{ID: "n1"}, slog.New(ref))
-	c := bustest.Connect(t, s, "router")
+	n, c := startPlanned(t, s, m, ref)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if err := nodetest.PutPlan(ctx, c, nodetest.Plan(m.ID, m.Config.Layers, whole(m))); err != nil {
-		t.Fatal(err)
-	}
 	bustest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
 		st := n.Status()
 		if len(st.Fragments) != len(m.Fragments) {
@@ -153,13 +164,9 @@ func TestCorruptFragmentIsFetchedAgain(t *testing.T) {
 func TestCorruptFragmentIsNeverRun(t *testing.T) {
 	s, m, _ := corruptDemo(t)
 	ref := &refusals{}
-	n := nodetest.Start(t, s, node.Options{ID: "n1"}, slog.New(ref))
-	c := bustest.Connect(t, s, "router")
+	n, c := startPlanned(t, s, m, ref)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if err := nodetest.PutPlan(ctx, c, nodetest.Plan(m.ID, m.Config.Layers, whole(m))); err != nil {
-		t.Fatal(err)
-	}
 	bustest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
 		if got := ref.count(); got < 3 {
 			return fmt.Errorf("%d refusals so far", got)
