@@ -1,0 +1,237 @@
+package executor_test
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/tessera-grid/tessera/pkg/benchfig"
+	"github.com/tessera-grid/tessera/pkg/bus/bustest"
+	"github.com/tessera-grid/tessera/pkg/compute"
+	"github.com/tessera-grid/tessera/pkg/fragstore"
+	"github.com/tessera-grid/tessera/pkg/model"
+	"github.com/tessera-grid/tessera/pkg/testmodel"
+	"github.com/tessera-grid/tessera/pkg/wire"
+	"github.com/tessera-grid/tessera/services/executor/internal/node"
+	"github.com/tessera-grid/tessera/services/executor/internal/nodetest"
+)
+
+var benchModel = sync.OnceValues(func() (*model.Checkpoint, error) {
+	return model.Synthesize(testmodel.BenchConfig, testmodel.BenchSeed)
+})
+
+// best holds this test binary's best figures (go test -count N).
+var best benchfig.Best
+
+// decodeContext is the positions decode cycles through (llama-bench's tg128).
+const decodeContext = 128
+
+// hopsPerToken counts the messages of one decode step through three
+// stages: request to the first, two forwards, and the reply.
+const hopsPerToken = 4
+
+// BenchmarkPipeline3 measures decode through three executors on loopback
+// NATS, each holding four of the twelve layers (the first also the
+// embedding, the last the head), fetched from the object store. The same
+// three stages called directly in this process give the overhead of the
+// hops: hop_overhead_p50_us is the difference of the median token times
+// divided by the four messages a token takes.
+func BenchmarkPipeline3(b *testing.B) {
+	for _, tc := range []struct{ dtype, suffix string }{{model.DTypeF32, ""}, {model.DTypeQ8_0, "_q8"}} {
+		b.Run(tc.dtype, func(b *testing.B) {
+			pool := compute.NewPool(0)
+			b.Cleanup(pool.Close)
+			s, route, m, blobs := startPipeline(b, tc.dtype, pool)
+			direct := directStages(b, m, blobs, route, pool)
+			c := bustest.Connect(b, s, "router")
+			ctx := context.Background()
+			req := &nodetest.Request{ID: "bench", Model: m.ID, Route: route}
+			viaNATS := func(pos int, tok int32) error {
+				_, err := req.Step(ctx, c.NC, pos, []int32{tok})
+				return err
+			}
+			toks := testmodel.BenchTokens(decodeContext, testmodel.BenchConfig.Vocab)
+			directTimes := timeDecode(b, decodeContext, toks, direct)
+			natsTimes := timeDecode(b, decodeContext, toks, viaNATS) // also warms the sessions up
+			b.ResetTimer()
+			start := time.Now()
+			for i := 0; i < b.N; i++ {
+				if err := viaNATS(i%decodeContext, toks[i%decodeContext]); err != nil {
+					b.Fatal(err)
+				}
+			}
+			tps := float64(b.N) / time.Since(start).Seconds()
+			b.StopTimer()
+			hop := (median(natsTimes) - median(directTimes)).Seconds() * 1e6 / hopsPerToken
+			directTPS := float64(len(directTimes)) / sum(directTimes).Seconds()
+			b.ReportMetric(tps, "tok/s")
+			b.ReportMetric(directTPS, "direct-tok/s")
+			b.ReportMetric(hop, "hop-µs")
+			if err := best.Higher(map[string]float64{
+				"decode_tok_s" + tc.suffix + "_pipeline3": tps,
+				"decode_tok_s" + tc.suffix + "_direct3":   directTPS,
+			}); err != nil {
+				b.Fatal(err)
+			}
+			if err := best.Lower(map[string]float64{"hop_overhead" + tc.suffix + "_p50_us": hop}); err != nil {
+				b.Fatal(err)
+			}
+		})
+	}
+}
+
+// timeDecode runs decode steps at positions 0..n-1 twice over (the first
+// pass warms up) and returns the second pass's step times.
+func timeDecode(b *testing.B, n int, toks []int32, step func(pos int, tok int32) error) []time.Duration {
+	b.Helper()
+	out := make([]time.Duration, 0, n)
+	for pass := 0; pass < 2; pass++ {
+		out = out[:0]
+		for pos := 0; pos < n; pos++ {
+			t0 := time.Now()
+			if err := step(pos, toks[pos]); err != nil {
+				b.Fatal(err)
+			}
+			out = append(out, time.Since(t0))
+		}
+	}
+	return out
+}
+
+func median(d []time.Duration) time.Duration {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+func sum(d []time.Duration) time.Duration {
+	var t time.Duration
+	for _, v := range d {
+		t += v
+	}
+	return t
+}
+
+
+// startPipeline imports the benchmark model stored as dtype, starts three
+// nodes with a plan splitting it in thirds, and waits until they hold their
+// fragments. It returns the server, the route, the manifest and the blobs.
+//
+// The nodes share pool, as executors on separate machines would each have
+// all of their cores for their stage: on one machine, separate pools would
+// have the idle stages' workers compete with the working one's.
+func startPipeline(b *testing.B, dtype string, pool *compute.Pool) (*server.Server, []nodetest.Hop, wire.ModelManifest, []model.Blob) {
+	b.Helper()
+	ck, err := benchModel()
+	if err != nil {
+		b.Fatal(err)
+	}
+	tok, err := model.SynthesizeTokenizer(testmodel.BenchConfig.Vocab, testmodel.BenchSeed)
+	if err != nil {
+		b.Fatal(err)
+	}
+	blobs, m, err := model.Fragments("synth110m-"+dtype, ck, tok, model.FragmentOptions{DType: dtype})
+	if err != nil {
+		b.Fatal(err)
+	}
+	s := bustest.Server(b)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	admin := bustest.Connect(b, s, "admin")
+	st, err := fragstore.Open(ctx, admin.JS)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := st.Import(ctx, blobs, tok, m, nil); err != nil {
+		b.Fatal(err)
+	}
+	route := []nodetest.Hop{{Node: "a", First: 0, End: 4}, {Node: "b", First: 4, End: 8}, {Node: "c", First: 8, End: 12}}
+	nodes := make([]*node.Node, len(route))
+	for i, h := range route {
+		nodes[i] = nodetest.Start(b, s, node.Options{ID: h.Node, Pool: pool}, nil)
+	}
+	if err := nodetest.PutPlan(ctx, admin, nodetest.Plan(m.ID, m.Config.Layers, route)); err != nil {
+		b.Fatal(err)
+	}
+	bustest.CheckFor(b, 5*time.Minute, 50*time.Millisecond, func() error {
+		for i, n := range nodes {
+			want := route[i].End - route[i].First + 1 // its layers and the embedding or head
+			if i == 1 {
+				want--
+			}
+			if got := len(n.Status().Fragments); got != want {
+				return fmt.Errorf("node %s holds %d of %d fragments", route[i].Node, got, want)
+			}
+		}
+		return nil
+	})
+	return s, route, m, blobs
+}
+
+// directStages builds the route's three stages in this process from the
+// same blobs and returns a decode step running them one after another.
+func directStages(b *testing.B, m wire.ModelManifest, blobs []model.Blob, route []nodetest.Hop, pool *compute.Pool) func(pos int, tok int32) error {
+	b.Helper()
+	cfg := m.Config
+	frags := map[string]*model.Fragment{}
+	for _, bl := range blobs {
+		f, err := model.DecodeFragment(bl.Ref.ID, bl.Data)
+		if err != nil {
+			b.Fatal(err)
+		}
+		frags[bl.Ref.ID] = f
+	}
+	var stages []*compute.Stage
+	var caches []*compute.Cache
+	for i, h := range route {
+		var layers []*compute.Layer
+		for l := h.First; l < h.End; l++ {
+			ly, err := compute.LayerFromFragment(cfg, frags[model.LayerFragment(l)])
+			if err != nil {
+				b.Fatal(err)
+			}
+			layers = append(layers, ly)
+		}
+		var emb *compute.Embedding
+		var head *compute.Head
+		var err error
+		if i == 0 {
+			if emb, err = compute.EmbeddingFromFragment(cfg, frags[model.FragEmbed]); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if i == len(route)-1 {
+			if head, err = compute.HeadFromFragment(cfg, frags[model.FragHead]); err != nil {
+				b.Fatal(err)
+			}
+		}
+		st, err := compute.NewStage(cfg, h.First, h.End, emb, layers, head, pool)
+		if err != nil {
+			b.Fatal(err)
+		}
+		stages = append(stages, st)
+		caches = append(caches, compute.NewCache(cfg, h.End-h.First))
+	}
+	it := &compute.Item{N: 1}
+	items := []*compute.Item{it}
+	tok := make([]int32, 1)
+	return func(pos int, t int32) error {
+		tok[0] = t
+		it.Pos, it.Tokens, it.Hidden = pos, tok, it.Hidden[:0]
+		for i, st := range stages {
+			it.Cache = caches[i]
+			if i > 0 {
+				it.Tokens = nil
+			}
+			if err := st.Forward(items); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+}
