@@ -194,6 +194,11 @@ func DecodeFragment(name string, b []byte) (*Fragment, error) {
 				return nil, fmt.Errorf("fragment %s: tensor %s has bad shape %v", name, t.Name, t.Shape)
 			}
 			count *= int64(d)
+			if count > int64(len(b)) {
+				// More values than the blob has bytes: cannot fit (and
+				// stops the product from overflowing).
+				return nil, fmt.Errorf("fragment %s: truncated: tensor %s of shape %v cannot fit in %d bytes", name, t.Name, t.Shape, len(b))
+			}
 		}
 		want, err := tensorBytes(t.DType, count)
 		if err != nil {
