@@ -4,6 +4,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // Pool runs data-parallel loops on a fixed set of worker goroutines, so the
@@ -40,10 +41,12 @@ type funcTask func(w, lo, hi int)
 
 func (f funcTask) run(w, lo, hi int) { f(w, lo, hi) }
 
-// spinRounds is how many times an idle worker polls for the next loop,
-// yielding its thread in between, before it parks (tens of microseconds:
-// the gap between two loops of one token is far shorter).
-const spinRounds = 200
+// spinTime is how long an idle worker polls for the next loop, yielding
+// its thread in between, before it parks. The gap between two loops of one
+// token is microseconds; a quarter millisecond also bridges a hop between
+// stages on one machine, where waking a parked thread costs tens of
+// microseconds each time.
+const spinTime = 250 * time.Microsecond
 
 // NewPool returns a pool of n workers (n <= 0: GOMAXPROCS).
 func NewPool(n int) *Pool {
@@ -125,8 +128,9 @@ func (p *Pool) work(w int) {
 	var seen uint64
 	for {
 		s := p.seq.Load()
+		idle := time.Now()
 		for i := 0; s == seen; i++ {
-			if i < spinRounds {
+			if i%16 != 0 || time.Since(idle) < spinTime {
 				runtime.Gosched()
 				s = p.seq.Load()
 				continue
@@ -145,7 +149,7 @@ func (p *Pool) work(w int) {
 				return
 			}
 			s = p.seq.Load()
-			i = 0
+			idle = time.Now()
 		}
 		seen = s
 		p.chunks(w)
