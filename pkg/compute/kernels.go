@@ -279,6 +279,20 @@ func softmax(x []float32) {
 	}
 }
 
+// swiglu replaces g by silu(g)·u, the SwiGLU feed-forward activation.
+func swiglu(g, u []float32) {
+	n := len(g)
+	u = u[:n]
+	v := 0
+	if simd.avx2 && n >= 8 {
+		v = n &^ 7
+		swigluAVX2(&g[0], &u[0], v)
+	}
+	for i := v; i < n; i++ {
+		g[i] = silu(g[i]) * u[i]
+	}
+}
+
 // silu is x·sigmoid(x).
 func silu(x float32) float32 {
 	return x * (1 / (1 + float32(math.Exp(float64(-x)))))

@@ -59,3 +59,8 @@ func expSumAVX2(x *float32, n int, m float32) float32
 //
 //go:noescape
 func maxF32AVX2(x *float32, n int) float32
+
+// swigluAVX2 replaces gate by silu(gate)·up over n values (a multiple of 8).
+//
+//go:noescape
+func swigluAVX2(gate, up *float32, n int)

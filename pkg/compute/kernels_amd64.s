@@ -443,7 +443,8 @@ DATA expc<>+32(SB)/4, $0x3e2aaaaa // 1.6666665459e-1
 DATA expc<>+36(SB)/4, $0x3f000000 // 5.0000001201e-1
 DATA expc<>+40(SB)/4, $0x3f800000 // 1
 DATA expc<>+44(SB)/4, $0x0000007f // 127
-GLOBL expc<>(SB), RODATA|NOPTR, $48
+DATA expc<>+48(SB)/4, $0x42b0c0a5 // 88.3762626647949
+GLOBL expc<>(SB), RODATA|NOPTR, $52
 
 // func expSumAVX2(x *float32, n int, m float32) float32
 //
@@ -527,4 +528,63 @@ maxdone:
 	VMAXPS X1, X0, X0
 	VZEROUPPER
 	MOVSS X0, ret+16(FP)
+	RET
+
+// func swigluAVX2(gate, up *float32, n int)
+//
+// g[i] = silu(g[i])·u[i] = g[i]·u[i]/(1+e^-g[i]) for n values (a multiple
+// of 8), with expSumAVX2's exponential.
+TEXT ·swigluAVX2(SB), NOSPLIT, $0-24
+	MOVQ gate+0(FP), DI
+	MOVQ up+8(FP), SI
+	MOVQ n+16(FP), CX
+	VBROADCASTSS expc<>+0(SB), Y14
+	VBROADCASTSS expc<>+4(SB), Y13
+	VBROADCASTSS expc<>+8(SB), Y12
+	VBROADCASTSS expc<>+12(SB), Y11
+	VBROADCASTSS expc<>+40(SB), Y10
+	VPBROADCASTD expc<>+44(SB), Y9
+	VBROADCASTSS expc<>+48(SB), Y8
+	VXORPS Y7, Y7, Y7
+	SHRQ $3, CX
+	JZ   swidone
+
+swiloop:
+	VMOVUPS (DI), Y6
+	VSUBPS Y6, Y7, Y0 // -g
+	VMAXPS Y14, Y0, Y0
+	VMINPS Y8, Y0, Y0
+	VMULPS Y13, Y0, Y1
+	VROUNDPS $0, Y1, Y1
+	VFNMADD231PS Y12, Y1, Y0
+	VFNMADD231PS Y11, Y1, Y0
+	VBROADCASTSS expc<>+16(SB), Y2
+	VBROADCASTSS expc<>+20(SB), Y3
+	VFMADD213PS Y3, Y0, Y2
+	VBROADCASTSS expc<>+24(SB), Y3
+	VFMADD213PS Y3, Y0, Y2
+	VBROADCASTSS expc<>+28(SB), Y3
+	VFMADD213PS Y3, Y0, Y2
+	VBROADCASTSS expc<>+32(SB), Y3
+	VFMADD213PS Y3, Y0, Y2
+	VBROADCASTSS expc<>+36(SB), Y3
+	VFMADD213PS Y3, Y0, Y2
+	VMULPS Y0, Y0, Y4
+	VFMADD213PS Y0, Y4, Y2
+	VADDPS Y10, Y2, Y2
+	VCVTPS2DQ Y1, Y1
+	VPADDD Y9, Y1, Y1
+	VPSLLD $23, Y1, Y1
+	VMULPS Y1, Y2, Y2  // e^-g
+	VADDPS Y10, Y2, Y2 // 1 + e^-g
+	VMULPS (SI), Y6, Y6
+	VDIVPS Y2, Y6, Y6
+	VMOVUPS Y6, (DI)
+	ADDQ $32, DI
+	ADDQ $32, SI
+	DECQ CX
+	JNZ  swiloop
+
+swidone:
+	VZEROUPPER
 	RET

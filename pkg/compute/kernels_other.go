@@ -22,3 +22,4 @@ func attnOut4AVX2(o *float32, ldo int, p *float32, ldp int, v *float32, n int, h
 }
 func expSumAVX2(x *float32, n int, m float32) float32 { panic("unreachable") }
 func maxF32AVX2(x *float32, n int) float32            { panic("unreachable") }
+func swigluAVX2(gate, up *float32, n int)             { panic("unreachable") }

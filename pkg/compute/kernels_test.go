@@ -141,6 +141,21 @@ func TestKernelsAgreeWithReference(t *testing.T) {
 				t.Fatalf("expScaled n=%d sum %v, want %v", n, sum, want)
 			}
 		}
+		for _, n := range []int{1, 8, 13, 100} {
+			g, u := randVec(r, n), randVec(r, n)
+			for i := range g {
+				g[i] *= 30 // reach both ends of the exponential
+			}
+			g0 := append([]float32{}, g...)
+			swiglu(g, u)
+			for i := range g {
+				x := float64(g0[i])
+				want := x / (1 + math.Exp(-x)) * float64(u[i])
+				if math.Abs(float64(g[i])-want) > 1e-5*math.Max(1, math.Abs(want)) {
+					t.Fatalf("swiglu n=%d [%d] of %v: %v, want %v", n, i, x, g[i], want)
+				}
+			}
+		}
 		if simd.avx2 {
 			for _, n := range []int{1, 7, 40} {
 				const hs, ldo, ldp = 32, 40, 50

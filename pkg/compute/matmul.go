@@ -98,11 +98,7 @@ func (t *matmulTask) run(w, lo, hi int) {
 		t.product(w, t.parts[1], lo, hi)
 		o := t.parts[0].w.Rows
 		for r := 0; r < t.rows; r++ {
-			g := t.parts[0].out[r*o+lo : r*o+hi]
-			u := t.parts[1].out[r*o+lo : r*o+hi]
-			for i := range g {
-				g[i] = silu(g[i]) * u[i]
-			}
+			swiglu(t.parts[0].out[r*o+lo:r*o+hi], t.parts[1].out[r*o+lo:r*o+hi])
 		}
 		return
 	}
