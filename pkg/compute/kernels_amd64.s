@@ -446,6 +446,34 @@ DATA expc<>+44(SB)/4, $0x0000007f // 127
 DATA expc<>+48(SB)/4, $0x42b0c0a5 // 88.3762626647949
 GLOBL expc<>(SB), RODATA|NOPTR, $52
 
+// EXP sets Y2 = e^Y0 (Y0 clamped by the caller), using Y1, Y3 and Y4;
+// Y9..Y13 hold 127, 1, -C2, C1 and log2(e) (expc). Y0 = r = x - n·ln2 on
+// [-ln2/2, ln2/2], e^r by Cephes' polynomial, times 2^n built in the
+// exponent bits.
+#define EXP \
+	VMULPS Y13, Y0, Y1; \
+	VROUNDPS $0, Y1, Y1; \
+	VFNMADD231PS Y12, Y1, Y0; \
+	VFNMADD231PS Y11, Y1, Y0; \
+	VBROADCASTSS expc<>+16(SB), Y2; \
+	VBROADCASTSS expc<>+20(SB), Y3; \
+	VFMADD213PS Y3, Y0, Y2; \
+	VBROADCASTSS expc<>+24(SB), Y3; \
+	VFMADD213PS Y3, Y0, Y2; \
+	VBROADCASTSS expc<>+28(SB), Y3; \
+	VFMADD213PS Y3, Y0, Y2; \
+	VBROADCASTSS expc<>+32(SB), Y3; \
+	VFMADD213PS Y3, Y0, Y2; \
+	VBROADCASTSS expc<>+36(SB), Y3; \
+	VFMADD213PS Y3, Y0, Y2; \
+	VMULPS Y0, Y0, Y4; \
+	VFMADD213PS Y0, Y4, Y2; \
+	VADDPS Y10, Y2, Y2; \
+	VCVTPS2DQ Y1, Y1; \
+	VPADDD Y9, Y1, Y1; \
+	VPSLLD $23, Y1, Y1; \
+	VMULPS Y1, Y2, Y2
+
 // func expSumAVX2(x *float32, n int, m float32) float32
 //
 // x[i] = e^(x[i]-m) for n values (a multiple of 8); returns their sum.
@@ -469,28 +497,7 @@ exploop:
 	VMOVUPS (SI), Y0
 	VSUBPS Y15, Y0, Y0
 	VMAXPS Y14, Y0, Y0
-	VMULPS Y13, Y0, Y1
-	VROUNDPS $0, Y1, Y1 // n = round(x·log2 e)
-	VFNMADD231PS Y12, Y1, Y0 // r = x - n·C1
-	VFNMADD231PS Y11, Y1, Y0 // r -= n·C2
-	VBROADCASTSS expc<>+16(SB), Y2
-	VBROADCASTSS expc<>+20(SB), Y3
-	VFMADD213PS Y3, Y0, Y2 // p = p·r + c
-	VBROADCASTSS expc<>+24(SB), Y3
-	VFMADD213PS Y3, Y0, Y2
-	VBROADCASTSS expc<>+28(SB), Y3
-	VFMADD213PS Y3, Y0, Y2
-	VBROADCASTSS expc<>+32(SB), Y3
-	VFMADD213PS Y3, Y0, Y2
-	VBROADCASTSS expc<>+36(SB), Y3
-	VFMADD213PS Y3, Y0, Y2
-	VMULPS Y0, Y0, Y4      // r²
-	VFMADD213PS Y0, Y4, Y2 // p·r² + r
-	VADDPS Y10, Y2, Y2     // + 1
-	VCVTPS2DQ Y1, Y1
-	VPADDD Y9, Y1, Y1
-	VPSLLD $23, Y1, Y1     // 2^n
-	VMULPS Y1, Y2, Y2
+	EXP
 	VMOVUPS Y2, (SI)
 	VADDPS Y2, Y8, Y8
 	ADDQ $32, SI
@@ -554,28 +561,7 @@ swiloop:
 	VSUBPS Y6, Y7, Y0 // -g
 	VMAXPS Y14, Y0, Y0
 	VMINPS Y8, Y0, Y0
-	VMULPS Y13, Y0, Y1
-	VROUNDPS $0, Y1, Y1
-	VFNMADD231PS Y12, Y1, Y0
-	VFNMADD231PS Y11, Y1, Y0
-	VBROADCASTSS expc<>+16(SB), Y2
-	VBROADCASTSS expc<>+20(SB), Y3
-	VFMADD213PS Y3, Y0, Y2
-	VBROADCASTSS expc<>+24(SB), Y3
-	VFMADD213PS Y3, Y0, Y2
-	VBROADCASTSS expc<>+28(SB), Y3
-	VFMADD213PS Y3, Y0, Y2
-	VBROADCASTSS expc<>+32(SB), Y3
-	VFMADD213PS Y3, Y0, Y2
-	VBROADCASTSS expc<>+36(SB), Y3
-	VFMADD213PS Y3, Y0, Y2
-	VMULPS Y0, Y0, Y4
-	VFMADD213PS Y0, Y4, Y2
-	VADDPS Y10, Y2, Y2
-	VCVTPS2DQ Y1, Y1
-	VPADDD Y9, Y1, Y1
-	VPSLLD $23, Y1, Y1
-	VMULPS Y1, Y2, Y2  // e^-g
+	EXP // e^-g
 	VADDPS Y10, Y2, Y2 // 1 + e^-g
 	VMULPS (SI), Y6, Y6
 	VDIVPS Y2, Y6, Y6
