@@ -4,9 +4,12 @@
 //
 //	benchfig llama-bench PP_NAME TG_NAME < out.jsonl   (llama-bench -o jsonl)
 //	benchfig run-c NAME out.txt...                     (llama2.c run.c output)
+//	benchfig best ROUND.json...                        (merge rounds)
 //	benchfig table                                     (the speed table)
 //
-// Each records the best of its runs, as Tessera's benchmarks do.
+// Each records the best of its runs, as Tessera's benchmarks do; best
+// merges figures recorded in separate rounds, keeping each one's best
+// (the lowest for times, named *_us or *_ms; otherwise the highest).
 package main
 
 import (
@@ -17,6 +20,7 @@ import (
 	"os"
 	"regexp"
 	"strconv"
+	"strings"
 	"text/tabwriter"
 
 	"github.com/tessera-grid/tessera/pkg/benchfig"
@@ -56,6 +60,12 @@ func run(args []string, stdin io.Reader, stdout io.Writer) error {
 			return err
 		}
 		return benchfig.RecordTo(path, map[string]float64{args[1]: v})
+	case "best":
+		figs, err := bestOf(args[1:])
+		if err != nil {
+			return err
+		}
+		return benchfig.RecordTo(path, figs)
 	case "table":
 		return table(path, stdout)
 	}
@@ -118,6 +128,28 @@ func runC(files []string) (float64, error) {
 		best = max(best, v)
 	}
 	return best, nil
+}
+
+// bestOf reads results files and returns each figure's best value.
+func bestOf(files []string) (map[string]float64, error) {
+	out := map[string]float64{}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return nil, err
+		}
+		var figs map[string]float64
+		if err := json.Unmarshal(b, &figs); err != nil {
+			return nil, fmt.Errorf("%s: %w", f, err)
+		}
+		for k, v := range figs {
+			lower := strings.HasSuffix(k, "_us") || strings.HasSuffix(k, "_ms")
+			if cur, ok := out[k]; !ok || (lower && v < cur) || (!lower && v > cur) {
+				out[k] = v
+			}
+		}
+	}
+	return out, nil
 }
 
 // table prints Tessera's figures next to the other engines' with ratios.

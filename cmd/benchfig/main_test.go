@@ -45,6 +45,23 @@ func TestRecordsComparisonFiguresAndPrintsTable(t *testing.T) {
 			t.Errorf("table lacks %q:\n%s", want, table.String())
 		}
 	}
+	r1, r2 := filepath.Join(dir, "r1.json"), filepath.Join(dir, "r2.json")
+	if err := benchfig.RecordTo(r1, map[string]float64{"decode_tok_s_single": 50, "hop_overhead_p50_us": 40}); err != nil {
+		t.Fatal(err)
+	}
+	if err := benchfig.RecordTo(r2, map[string]float64{"decode_tok_s_single": 65, "hop_overhead_p50_us": 55}); err != nil {
+		t.Fatal(err)
+	}
+	if err := run([]string{"best", r1, r2}, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	got, err := bestOf([]string{results})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got["decode_tok_s_single"] != 65 || got["hop_overhead_p50_us"] != 40 || got["decode_tok_s_llamacpp"] != 75 {
+		t.Fatalf("after merging rounds: %v", got)
+	}
 	if err := run([]string{"llama-bench", "a", "b"}, strings.NewReader(`{"n_prompt": 512, "n_gen": 0, "samples_ts": [1]}`), nil); err == nil {
 		t.Fatal("accepted llama-bench output without a generation test")
 	}
