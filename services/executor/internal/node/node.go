@@ -32,6 +32,10 @@ type Options struct {
 	DeviceType string
 	// Threads is the compute parallelism (0: GOMAXPROCS).
 	Threads int
+	// Pool, when set, runs this node's compute instead of a pool of its
+	// own: nodes sharing a process (the all-in-one grid, benchmarks) then
+	// share its cores without oversubscribing them.
+	Pool *compute.Pool
 	// MaxBatch caps how many queued requests one forward pass takes.
 	MaxBatch int
 	// QueueLimit caps queued requests per stage before "overloaded".
@@ -92,9 +96,13 @@ func New(opts Options, b *bus.Conn, log *slog.Logger) (*Node, error) {
 	if opts.DeviceType == "" {
 		opts.DeviceType = "cpu"
 	}
+	pool := opts.Pool
+	if pool == nil {
+		pool = compute.NewPool(opts.Threads)
+	}
 	return &Node{
 		opts: opts, bus: b, log: log.With("node", opts.ID),
-		pool:     compute.NewPool(opts.Threads),
+		pool:     pool,
 		models:   map[string]*modelState{},
 		sessions: map[sessionKey]*session{},
 	}, nil
