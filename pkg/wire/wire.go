@@ -112,8 +112,8 @@ type Heartbeat struct {
 	KVTokensFree int64         `json:"kv_tokens_free"`
 	QueueDepth   int           `json:"queue_depth"`
 	// Sessions is the number of requests holding KV caches on the node.
-	Sessions int `json:"sessions"`
-	Speed        []SpeedSample `json:"speed,omitempty"`
+	Sessions int           `json:"sessions"`
+	Speed    []SpeedSample `json:"speed,omitempty"`
 	// Signature is the base64 ed25519 signature over the heartbeat encoded
 	// with Signature empty (see the executor's identity package).
 	Signature string `json:"signature,omitempty"`
