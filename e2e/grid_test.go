@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/tessera-grid/tessera/internal/local"
 	"github.com/tessera-grid/tessera/pkg/bus/bustest"
 	"github.com/tessera-grid/tessera/pkg/subjects"
@@ -315,46 +317,40 @@ func TestCancelledRequestFreesCaches(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	nodes, _ := g.Admin.JS.KeyValue(context.Background(), subjects.BucketNodes)
+	// Each executor reports its open sessions when pinged.
 	sessions := func() (int, error) {
 		total := 0
 		for i := 1; i <= 3; i++ {
-			e, err := nodes.Get(context.Background(), local.ExecutorName(i))
+			m := nats.NewMsg(subjects.Control(local.ExecutorName(i)))
+			m.Data = []byte(`{"op":"ping"}`)
+			r, err := g.Admin.NC.RequestMsg(m, time.Second)
 			if err != nil {
 				return 0, err
 			}
-			var r wire.NodeRecord
-			if err := json.Unmarshal(e.Value(), &r); err != nil {
+			var st struct{ Sessions int }
+			if err := json.Unmarshal(r.Data, &st); err != nil {
 				return 0, err
 			}
-			total += r.Heartbeat.Sessions
+			total += st.Sessions
 		}
 		return total, nil
 	}
-	// Read until every executor holds the request's caches, then hang up.
 	sc := bufio.NewScanner(resp.Body)
 	id := ""
-	bustest.CheckFor(t, 20*time.Second, 20*time.Millisecond, func() error {
-		if !sc.Scan() {
-			return fmt.Errorf("stream ended: %v", sc.Err())
-		}
-		if line, ok := strings.CutPrefix(sc.Text(), "data: "); ok && id == "" {
+	for id == "" && sc.Scan() {
+		if line, ok := strings.CutPrefix(sc.Text(), "data: "); ok {
 			var c wire.CompletionResponse
 			_ = json.Unmarshal([]byte(line), &c)
 			id = c.ID
 		}
-		n, err := sessions()
-		if err != nil {
-			return err
-		}
-		if n != 3 {
-			return fmt.Errorf("%d sessions open, want 3 while the request runs", n)
-		}
-		return nil
-	})
+	}
+	// The request is under way: every stage holds its cache.
+	if n, err := sessions(); err != nil || n != 3 {
+		t.Fatalf("%d sessions open (%v), want 3 while the request runs", n, err)
+	}
 	cancel()
 	resp.Body.Close()
-	bustest.CheckFor(t, 10*time.Second, 50*time.Millisecond, func() error {
+	bustest.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
 		n, err := sessions()
 		if err != nil {
 			return err
@@ -369,12 +365,15 @@ func TestCancelledRequestFreesCaches(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := st.GetLastMsgForSubject(context.Background(), subjects.UsageNode(local.ExecutorName(3)))
-	if err != nil {
-		t.Fatal(err)
-	}
 	var u wire.UsageEvent
-	if err := json.Unmarshal(m.Data, &u); err != nil || u.Request != id || u.GeneratedTokens >= 500 {
-		t.Fatalf("head usage %+v (%v): want request %s cut short of 500 tokens", u, err, id)
+	bustest.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
+		m, err := st.GetLastMsgForSubject(context.Background(), subjects.UsageNode(local.ExecutorName(3)))
+		if err != nil {
+			return err
+		}
+		return json.Unmarshal(m.Data, &u)
+	})
+	if u.Request != id || u.GeneratedTokens >= 500 {
+		t.Fatalf("head usage %+v: want request %s cut short of 500 tokens", u, id)
 	}
 }

@@ -351,7 +351,8 @@ type DeadLetter struct {
 
 // Control is a message on a node's control subject.
 type Control struct {
-	// Op is "release" (free a request's KV caches) or "drain".
+	// Op is "release" (free a request's KV caches), "drain", or "ping"
+	// (a liveness check answered at once).
 	Op      string `json:"op"`
 	Request string `json:"request,omitempty"`
 }

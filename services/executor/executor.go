@@ -102,6 +102,10 @@ func (c Config) withDefaults() Config {
 type Deps struct {
 	Bus *bus.Conn
 	Log *slog.Logger
+	// Pool, when set, runs the node's compute: executors hosted in one
+	// process (the all-in-one grid) share the machine's cores through one
+	// pool instead of each spinning up its own.
+	Pool *compute.Pool
 	// TamperChallenge, when set, alters the node's answers to the
 	// registry's challenges: tests use it to play a node that computes
 	// wrongly. Production leaves it nil.

@@ -70,6 +70,10 @@ type Node struct {
 	mu       sync.Mutex
 	models   map[string]*modelState
 	sessions map[sessionKey]*session
+	// released remembers finished requests for a while, so that a stage
+	// request still in flight when its release came cannot open a session
+	// that nobody would release.
+	released map[string]time.Time
 	draining bool
 
 	queued   atomic.Int64
@@ -105,6 +109,7 @@ func New(opts Options, b *bus.Conn, log *slog.Logger) (*Node, error) {
 		pool:     pool,
 		models:   map[string]*modelState{},
 		sessions: map[sessionKey]*session{},
+		released: map[string]time.Time{},
 	}, nil
 }
 

@@ -171,6 +171,9 @@ func (n *Node) runnerFor(j *job) (*runner, error) {
 		return nil, replyErr(wire.ErrCodeBadRequest, "range [%d,%d) outside the model's %d layers", j.first, j.end, m.manifest.Config.Layers)
 	}
 	key := sessionKey{request: j.request, model: j.model, first: j.first, end: j.end}
+	if _, done := n.released[j.request]; done {
+		return nil, replyErr(wire.ErrCodeBadRequest, "request %s has ended", j.request)
+	}
 	if n.draining && n.sessions[key] == nil {
 		return nil, replyErr(wire.ErrCodeDraining, "node %s is draining", n.opts.ID)
 	}
