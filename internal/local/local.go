@@ -49,7 +49,7 @@ type Options struct {
 	// SharedPool runs every executor's compute on one pool of the
 	// machine's cores instead of a pool per executor.
 	SharedPool bool
-	Log          *slog.Logger
+	Log        *slog.Logger
 }
 
 // Defaults returns Options with every service's documented defaults, as
