@@ -1,29 +1,47 @@
 #!/usr/bin/env bash
-# Speed benchmarks of Tessera's model runtime (what `make bench` runs).
+# bench.sh: every benchmark (what `make bench` runs). Figures go to
+# bench/results.json (TESSERA_BENCH_RESULTS); BENCHMARKS.md explains each
+# one and records a run. Parts can be chosen: BENCH_ONLY="runtime planner"
+# (runtime, planner, registry, settlement, router, selective).
 #
-# On a synthetic model of stories110M's shape, runs the one-process decode
-# and prefill benchmarks (f32, f16, q8_0) and decode through three executors
-# over NATS on loopback; when LLAMA_CPP_DIR or LLAMA2C_DIR name checkouts of
-# those engines, runs them on the same model file (scripts/bench-compare.sh).
-# All of it is repeated BENCH_ROUNDS times, interleaved, and each figure's
-# best round goes to bench/results.json (TESSERA_BENCH_RESULTS): on a
-# machine shared with other work, every engine then gets its quietest
-# moments. Then prints the table.
+# The model-runtime part compares with llama.cpp and llama2.c when
+# LLAMA_CPP_DIR and LLAMA2C_DIR name checkouts of them (never committed
+# here; see BENCHMARKS.md). It takes about 25 minutes; the rest about 10.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-results=${TESSERA_BENCH_RESULTS:-$root/bench/results.json}
-rounds=${BENCH_ROUNDS:-3}
-out=$root/bench/out/rounds
-mkdir -p "$out" "$(dirname "$results")"
-rm -f "$out"/round-*.json
+export TESSERA_BENCH_RESULTS=${TESSERA_BENCH_RESULTS:-$root/bench/results.json}
+mkdir -p "$(dirname "$TESSERA_BENCH_RESULTS")"
+only=${BENCH_ONLY:-runtime planner registry settlement router selective}
+want() { [[ " $only " == *" $1 "* ]]; }
+cd "$root"
 
-for r in $(seq 1 "$rounds"); do
-	export TESSERA_BENCH_RESULTS=$out/round-$r.json
-	(cd "$root/pkg" && go test ./compute/ -run '^$' -bench 'Decode|Prefill' -benchtime 3s -benchmem -count 1 -timeout 60m)
-	(cd "$root/services/executor" && go test . -run '^$' -bench Pipeline3 -benchtime 200x -count 1 -timeout 60m)
-	if [ -n "${LLAMA_CPP_DIR:-}" ] || [ -n "${LLAMA2C_DIR:-}" ]; then
-		BENCH_REPS=${BENCH_REPS:-3} "$root/scripts/bench-compare.sh"
+if want runtime; then
+	echo "== model runtime: decode, prefill, three-stage pipeline, hop overhead"
+	scripts/bench-runtime.sh
+fi
+if want planner; then
+	echo "== planner: published fleets, 10,000 GPUs, churn"
+	(cd services/planner && go test ./helix/ -run '^$' -bench . -benchtime 1x -timeout 30m)
+fi
+if want registry; then
+	echo "== registry: 10,000 executors heartbeating at 1 Hz"
+	scripts/bench-registry.sh
+fi
+if want settlement; then
+	echo "== settlement: events/s into ClickHouse against clickhouse-client's bulk insert"
+	scripts/clickhouse.sh ensure >/dev/null
+	(cd services/settlement && go test . -run '^$' -bench BenchmarkSettle -benchtime 200000x -timeout 30m)
+fi
+if want router; then
+	echo "== router: streams (TTFT, ITL, tokens/s) and failover through three stages"
+	go test ./e2e -run '^$' -bench 'Streams|Failover' -benchtime 1x -timeout 60m
+fi
+if want selective; then
+	if [ -x scripts/bench-selective.sh ]; then
+		echo "== selective activation: stories260k, G=4, k=1..4"
+		scripts/bench-selective.sh
 	fi
-done
-export TESSERA_BENCH_RESULTS=$results
-(cd "$root" && go run ./cmd/benchfig best "$out"/round-*.json && go run ./cmd/benchfig table)
+fi
+echo
+echo "Figures in $TESSERA_BENCH_RESULTS:"
+cat "$TESSERA_BENCH_RESULTS"
