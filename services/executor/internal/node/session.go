@@ -4,16 +4,19 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/tessera-grid/tessera/pkg/compute"
 	"github.com/tessera-grid/tessera/pkg/model"
 	"github.com/tessera-grid/tessera/pkg/subjects"
 	"github.com/tessera-grid/tessera/pkg/wire"
+	"github.com/tessera-grid/tessera/services/executor/internal/spool"
 )
 
 // sessionKey identifies one request's state on one layer range.
@@ -30,6 +33,9 @@ type session struct {
 	customer string
 	usage    wire.UsageEvent
 	last     time.Time
+	// trace is the trace context of the request's first stage request on
+	// this node; its usage event carries it to settlement.
+	trace trace.SpanContext
 	// cacheBytes is the cache's size, stored by the runner after each
 	// forward pass so that Status can read it while the cache grows.
 	cacheBytes atomic.Int64
@@ -45,6 +51,9 @@ func (n *Node) session(j *job, man wire.ModelManifest) *session {
 		se = &session{key: key, cache: compute.NewCache(man.Config, j.end-j.first), customer: j.customer}
 		se.usage.Start = time.Now().UTC()
 		n.sessions[key] = se
+	}
+	if !se.trace.IsValid() {
+		se.trace = j.origin
 	}
 	se.last = time.Now()
 	return se
@@ -216,11 +225,26 @@ func (n *Node) publishUsage(done []*session, why string) {
 			n.log.Error("usage not signed", "err", err)
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	entries := make([]spool.Entry, 0, len(events))
+	for i, u := range events {
+		b, err := json.Marshal(u)
+		if err != nil {
+			n.log.Error("usage event not encoded", "id", u.ID, "err", err)
+			continue
+		}
+		entries = append(entries, spool.Entry{ID: u.ID, Data: b, Header: traceHeaders(done[i].trace)})
+	}
+	// On disk before it leaves: a crash from here on loses nothing.
+	if n.opts.Spool != nil {
+		if err := n.opts.Spool.Append(entries...); err != nil {
+			n.log.Error("usage not spooled; publishing it without a copy on disk", "events", len(entries), "err", err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), n.opts.PublishTimeout)
 	defer cancel()
-	for _, u := range events {
-		if err := n.publishEvent(ctx, u); err != nil {
-			n.log.Error("usage event not published", "id", u.ID, "request", u.Request, "err", err)
+	for _, e := range entries {
+		if err := n.publishEntry(ctx, e); err != nil {
+			n.log.Error("usage event not published yet; it stays spooled", "id", e.ID, "err", err)
 		}
 	}
 	n.log.Debug("usage published", "events", len(events), "why", why)
