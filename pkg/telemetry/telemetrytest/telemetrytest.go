@@ -75,9 +75,9 @@ func Names(ms map[string]metricdata.Metrics) string {
 
 // Value sums m's data points whose attributes include every key=value of
 // attrs (given as "key=value" strings): the sum of counter or gauge values,
-// or the count of histogram observations. points is how many data points
+// or the count of histogram observations. matched is how many data points
 // matched (none for other kinds of data).
-func Value(m metricdata.Metrics, attrs ...string) (value float64, points int) {
+func Value(m metricdata.Metrics, attrs ...string) (value float64, matched int) {
 	match := func(set attribute.Set) bool {
 		for _, kv := range attrs {
 			k, v, _ := strings.Cut(kv, "=")
@@ -90,41 +90,35 @@ func Value(m metricdata.Metrics, attrs ...string) (value float64, points int) {
 	}
 	switch d := m.Data.(type) {
 	case metricdata.Sum[int64]:
-		for _, p := range d.DataPoints {
-			if match(p.Attributes) {
-				value, points = value+float64(p.Value), points+1
-			}
-		}
+		return points(d.DataPoints, match)
 	case metricdata.Sum[float64]:
-		for _, p := range d.DataPoints {
-			if match(p.Attributes) {
-				value, points = value+p.Value, points+1
-			}
-		}
+		return points(d.DataPoints, match)
 	case metricdata.Gauge[int64]:
-		for _, p := range d.DataPoints {
-			if match(p.Attributes) {
-				value, points = value+float64(p.Value), points+1
-			}
-		}
+		return points(d.DataPoints, match)
 	case metricdata.Gauge[float64]:
-		for _, p := range d.DataPoints {
-			if match(p.Attributes) {
-				value, points = value+p.Value, points+1
-			}
-		}
+		return points(d.DataPoints, match)
 	case metricdata.Histogram[float64]:
-		for _, p := range d.DataPoints {
-			if match(p.Attributes) {
-				value, points = value+float64(p.Count), points+1
-			}
-		}
+		return histogramPoints(d.DataPoints, match)
 	case metricdata.Histogram[int64]:
-		for _, p := range d.DataPoints {
-			if match(p.Attributes) {
-				value, points = value+float64(p.Count), points+1
-			}
+		return histogramPoints(d.DataPoints, match)
+	}
+	return 0, 0
+}
+
+func points[N int64 | float64](ps []metricdata.DataPoint[N], match func(attribute.Set) bool) (value float64, n int) {
+	for _, p := range ps {
+		if match(p.Attributes) {
+			value, n = value+float64(p.Value), n+1
 		}
 	}
-	return value, points
+	return value, n
+}
+
+func histogramPoints[N int64 | float64](ps []metricdata.HistogramDataPoint[N], match func(attribute.Set) bool) (value float64, n int) {
+	for _, p := range ps {
+		if match(p.Attributes) {
+			value, n = value+float64(p.Count), n+1
+		}
+	}
+	return value, n
 }
