@@ -46,8 +46,18 @@ func DeadLetter(ctx context.Context, js jetstream.JetStream, service, reason str
 		return fmt.Errorf("dead letter: %w", err)
 	}
 	slog.Warn("dead-lettered message", "service", service, "reason", reason, "subject", dl.Subject, "err", dl.Error)
-	if _, err := js.Publish(ctx, subjects.DeadLetter(service, reason), b); err != nil {
+	var opts []jetstream.PublishOpt
+	if streamSeq > 0 {
+		// A message from a stream is dead-lettered again when its consumer
+		// crashes before acknowledging it: the stream keeps one letter.
+		opts = append(opts, jetstream.WithMsgID(fmt.Sprintf("%s:%s:%d", service, dl.Subject, streamSeq)))
+	}
+	ack, err := js.Publish(ctx, subjects.DeadLetter(service, reason), b, opts...)
+	if err != nil {
 		return fmt.Errorf("dead letter %s/%s: %w", service, reason, err)
+	}
+	if ack.Duplicate {
+		return nil
 	}
 	// The global provider keeps one instrument per name: asking for it on
 	// each (rare) dead letter costs a map lookup.
