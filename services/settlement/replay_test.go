@@ -6,10 +6,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/trace"
 
-	"github.com/tessera-grid/tessera/pkg/subjects"
 	"github.com/tessera-grid/tessera/pkg/telemetry/telemetrytest"
 	"github.com/tessera-grid/tessera/pkg/usagesig"
 	"github.com/tessera-grid/tessera/pkg/wire"
@@ -64,20 +62,8 @@ func TestReplayedEventsSettleOnce(t *testing.T) {
 	g.waitSettled(want.Events, 30*time.Second)
 	g.checkLedger(want)
 
-	dl, err := g.conn.JS.OrderedConsumer(ctx, subjects.StreamDeadLetter, jetstream.OrderedConsumerConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
 	dups := map[string]int{}
-	for range 3 {
-		m, err := dl.Next(jetstream.FetchMaxWait(10 * time.Second))
-		if err != nil {
-			t.Fatalf("dead letters: %v (have %v)", err, dups)
-		}
-		var d wire.DeadLetter
-		if err := wire.Decode(m.Data(), &d); err != nil {
-			t.Fatal(err)
-		}
+	for _, d := range g.deadLetters(3) {
 		if d.Reason != settlement.ReasonDuplicate {
 			t.Fatalf("dead letter %+v, want reason %s", d, settlement.ReasonDuplicate)
 		}
