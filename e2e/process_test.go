@@ -126,14 +126,22 @@ func startClickHouse(t *testing.T) string {
 	if out, err := exec.Command(filepath.Join(root, "scripts/clickhouse.sh"), "ensure").CombinedOutput(); err != nil {
 		t.Skipf("ClickHouse is not installed (run scripts/clickhouse.sh ensure as root): %v\n%s", err, out)
 	}
-	dir := t.TempDir()
-	port := freePort(t)
-	start := exec.Command(filepath.Join(root, "scripts/clickhouse.sh"), "start", dir, fmt.Sprint(port))
-	if out, err := start.CombinedOutput(); err != nil {
-		t.Fatalf("clickhouse start: %v\n%s", err, out)
+	// A port found free may be taken by the time the server binds it (other
+	// tests run beside this one): try again on other ports.
+	var out []byte
+	for range 3 {
+		dir := t.TempDir()
+		port := freePort(t)
+		start := exec.Command(filepath.Join(root, "scripts/clickhouse.sh"), "start", dir, fmt.Sprint(port))
+		var err error
+		if out, err = start.CombinedOutput(); err == nil {
+			t.Cleanup(func() { _ = exec.Command(filepath.Join(root, "scripts/clickhouse.sh"), "stop", dir).Run() })
+			return fmt.Sprintf("127.0.0.1:%d", port)
+		}
+		_ = exec.Command(filepath.Join(root, "scripts/clickhouse.sh"), "stop", dir).Run()
 	}
-	t.Cleanup(func() { _ = exec.Command(filepath.Join(root, "scripts/clickhouse.sh"), "stop", dir).Run() })
-	return fmt.Sprintf("127.0.0.1:%d", port)
+	t.Fatalf("clickhouse start failed three times; last output:\n%s", out)
+	return ""
 }
 
 // The five services and three executors as separate OS processes against

@@ -58,8 +58,10 @@ func TestMain(m *testing.M) {
 		var cfg router.Config
 		svc.Main("router", router.EnvPrefix, &cfg, func(ctx context.Context, c *bus.Conn, log *slog.Logger) error {
 			return router.Run(ctx, cfg, router.Deps{Bus: c, Log: log, Listening: func(addr string) {
-				// The test reads the router's address from its log.
+				// The test reads the router's addresses from its log.
 				fmt.Fprintf(os.Stderr, "LISTENING %s\n", addr)
+			}, ConsoleListening: func(addr string) {
+				fmt.Fprintf(os.Stderr, "CONSOLE %s\n", addr)
 			}})
 		})
 	case "executor":

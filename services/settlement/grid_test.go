@@ -363,4 +363,3 @@ func (g *grid) deadLetters(n int) []wire.DeadLetter {
 	}
 	return out
 }
-
