@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -31,8 +32,11 @@ type session struct {
 	key      sessionKey
 	cache    *compute.Cache
 	customer string
-	usage    wire.UsageEvent
 	last     time.Time
+	// mu guards usage and trace: a release may publish a session's usage
+	// while its last job is still being accounted.
+	mu    sync.Mutex
+	usage wire.UsageEvent
 	// trace is the trace context of the request's first stage request on
 	// this node; its usage event carries it to settlement.
 	trace trace.SpanContext
@@ -52,15 +56,19 @@ func (n *Node) session(j *job, man wire.ModelManifest) *session {
 		se.usage.Start = time.Now().UTC()
 		n.sessions[key] = se
 	}
+	se.mu.Lock()
 	if !se.trace.IsValid() {
 		se.trace = j.origin
 	}
+	se.mu.Unlock()
 	se.last = time.Now()
 	return se
 }
 
 // account adds one served job to the session's usage.
 func (se *session) account(j *job, took time.Duration, man wire.ModelManifest) {
+	se.mu.Lock()
+	defer se.mu.Unlock()
 	u := &se.usage
 	rows := int64(j.rows)
 	// Tokens are the customer's bill: only the stage with the head counts
@@ -199,8 +207,12 @@ func usageID(node string, k sessionKey) string {
 // publishUsage publishes one usage event per session, signed as a batch.
 func (n *Node) publishUsage(done []*session, why string) {
 	events := make([]*wire.UsageEvent, 0, len(done))
+	traces := make([]trace.SpanContext, 0, len(done))
 	for _, se := range done {
-		u := se.usage
+		se.mu.Lock()
+		u, tc := se.usage, se.trace
+		se.mu.Unlock()
+		traces = append(traces, tc)
 		u.ID = usageID(n.opts.ID, se.key)
 		u.Request = se.key.request
 		u.Customer = se.customer
@@ -232,7 +244,7 @@ func (n *Node) publishUsage(done []*session, why string) {
 			n.log.Error("usage event not encoded", "id", u.ID, "err", err)
 			continue
 		}
-		entries = append(entries, spool.Entry{ID: u.ID, Data: b, Header: traceHeaders(done[i].trace)})
+		entries = append(entries, spool.Entry{ID: u.ID, Data: b, Header: traceHeaders(traces[i])})
 	}
 	// On disk before it leaves: a crash from here on loses nothing.
 	if n.opts.Spool != nil {
