@@ -18,6 +18,7 @@ import (
 	"github.com/chromedp/chromedp"
 
 	"github.com/tessera-grid/tessera/internal/local"
+	"github.com/tessera-grid/tessera/internal/proctest"
 	"github.com/tessera-grid/tessera/pkg/bus/bustest"
 	"github.com/tessera-grid/tessera/pkg/testmodel"
 )
@@ -41,23 +42,12 @@ func artifactDir(t *testing.T) string {
 	t.Helper()
 	dir := os.Getenv("TESSERA_ARTIFACTS")
 	if dir == "" {
-		dir = filepath.Join(repoRoot(t), "var", "artifacts")
+		dir = filepath.Join(proctest.RepoRoot(t), "var", "artifacts")
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	return dir
-}
-
-// clickHouseIfInstalled starts a ClickHouse server for the test when the
-// package is installed, and reports whether it did.
-func clickHouseIfInstalled(t *testing.T) (string, bool) {
-	t.Helper()
-	root := repoRoot(t)
-	if err := exec.Command(filepath.Join(root, "scripts/clickhouse.sh"), "binary").Run(); err != nil {
-		return "", false
-	}
-	return startClickHouse(t), true
 }
 
 // The operator console, loaded in headless Chromium against a running grid,
@@ -70,9 +60,9 @@ func TestConsoleInChromium(t *testing.T) {
 	o.Router.ConsoleAddr = "127.0.0.1:0"
 	o.Router.AnonymousCustomer = "tester"
 	o.Planner.Strategy = "exo"
-	if ch, ok := clickHouseIfInstalled(t); ok {
+	if proctest.ClickHouseInstalled(t) {
 		o.NoSettlement = false
-		o.Settlement.ClickHouseAddr, o.Settlement.ClickHouseDatabase = []string{ch}, "tessera_console"
+		o.Settlement.ClickHouseAddr, o.Settlement.ClickHouseDatabase = []string{proctest.ClickHouse(t)}, "tessera_console"
 	} else {
 		t.Log("ClickHouse is not installed: the console shows settlement as not answering")
 	}

@@ -18,6 +18,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/tessera-grid/tessera/internal/local"
+	"github.com/tessera-grid/tessera/internal/proctest"
 	"github.com/tessera-grid/tessera/pkg/bus"
 	"github.com/tessera-grid/tessera/pkg/bus/bustest"
 	"github.com/tessera-grid/tessera/pkg/subjects"
@@ -39,7 +40,7 @@ func telemetryGrid(t *testing.T) (*telemetrytest.Recorder, *local.Grid, string, 
 	o.Router.AnonymousCustomer = "tester"
 	o.Planner.Strategy = "exo"
 	o.NoSettlement = false
-	o.Settlement.ClickHouseAddr, o.Settlement.ClickHouseDatabase = []string{startClickHouse(t)}, "tessera_telemetry"
+	o.Settlement.ClickHouseAddr, o.Settlement.ClickHouseDatabase = []string{proctest.ClickHouse(t)}, "tessera_telemetry"
 	o.Settlement.BatchWait = 50 * time.Millisecond
 	g, base := startGridWith(t, o)
 	return rec, g, base, o.Settlement
