@@ -26,6 +26,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/tessera-grid/tessera/deploy/accounts"
+	"github.com/tessera-grid/tessera/internal/proctest"
 	"github.com/tessera-grid/tessera/pkg/bus"
 	"github.com/tessera-grid/tessera/pkg/config"
 	"github.com/tessera-grid/tessera/pkg/svc"
@@ -187,25 +188,8 @@ func (p *process) tail(n int) string {
 	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
 
-// freePorts returns n distinct free loopback ports (held open together, so
-// that they differ, then released).
-func freePorts(t testing.TB, n int) []int {
-	t.Helper()
-	var ports []int
-	var ls []net.Listener
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	for _, l := range ls {
-		l.Close()
-	}
-	return ports
-}
+// freePorts returns n distinct free loopback ports.
+func freePorts(t testing.TB, n int) []int { return proctest.FreePorts(t, n) }
 
 // checkFor calls f every interval until it returns nil or timeout passes,
 // then fails the test with f's last error.
