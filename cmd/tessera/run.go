@@ -34,6 +34,8 @@ type runConfig struct {
 	DataDir string `env:"DATA_DIR, default=var"`
 	// HTTPAddr is where the OpenAI-compatible API listens.
 	HTTPAddr string `env:"HTTP_ADDR, default=127.0.0.1:8080"`
+	// ConsoleAddr is where the operator console listens (empty: none).
+	ConsoleAddr string `env:"CONSOLE_ADDR, default=127.0.0.1:8081"`
 	// NATSPort is the embedded NATS server's client port.
 	NATSPort int `env:"NATS_PORT, default=4222"`
 	// Executors is how many executors to start.
@@ -78,6 +80,9 @@ func runGrid(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	o.DataDir, o.NATSPort, o.Executors = rc.DataDir, rc.NATSPort, rc.Executors
 	o.Router.HTTPAddr = rc.HTTPAddr
+	if o.Router.ConsoleAddr == "" {
+		o.Router.ConsoleAddr = rc.ConsoleAddr
+	}
 	if !rc.RequireKeys && o.Router.AnonymousCustomer == "" {
 		o.Router.AnonymousCustomer = rc.DemoCustomer
 	}
@@ -144,6 +149,11 @@ func runGrid(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	fmt.Fprintf(stdout, "\nServing the OpenAI-compatible API on http://%s (demo customer %q, API key %s)\n", addr, rc.DemoCustomer, key)
 	fmt.Fprintf(stdout, "  curl -s %s/v1/completions -H 'Authorization: Bearer %s' -d '{\"model\":\"%s\",\"prompt\":\"Once upon a time\",\"max_tokens\":60,\"temperature\":0}'\n", addr, key, m.ID)
+	if o.Router.ConsoleAddr != "" {
+		if caddr, err := g.ConsoleAddr(wctx); err == nil {
+			fmt.Fprintf(stdout, "Operator console: http://%s/console/\n", caddr)
+		}
+	}
 	fmt.Fprintln(stdout, "Press Ctrl-C to stop.")
 	<-ctx.Done()
 	fmt.Fprintln(stdout, "Stopping.")

@@ -55,6 +55,14 @@ func (j JetStream) orderedConsumer(stream, filter string) []string {
 	}
 }
 
+// streamTail reads a stream from a recent sequence on and follows it: its
+// info and an ordered pull consumer on filter, whose ephemeral consumers it
+// fetches from.
+func (j JetStream) streamTail(stream, filter string) []string {
+	return append([]string{j.api() + ".STREAM.INFO." + stream, j.api() + ".CONSUMER.MSG.NEXT." + stream + ".*"},
+		j.orderedConsumer(stream, filter)...)
+}
+
 // consume manages durable consumers on stream and reads from them, as
 // settlement does for USAGE and for the customers' consumers.
 func (j JetStream) consume(stream string) []string {

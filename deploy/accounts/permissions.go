@@ -134,11 +134,17 @@ func Template(role Role, js JetStream) (Permissions, error) {
 		)
 	case RoleRouter:
 		p = service(role, js,
-			// Streamed chunks go to the inbox the requester names.
-			[]string{subjects.Stage("*"), subjects.Control("*"), subjects.Expert("*"), subjects.SessionRelease, "_INBOX.>"},
+			// Streamed chunks go to the inbox the requester names; the
+			// console asks settlement for its lag.
+			[]string{subjects.Stage("*"), subjects.Control("*"), subjects.Expert("*"), subjects.SessionRelease, "_INBOX.>",
+				subjects.ServiceStats("settlement")},
 			[]string{subjects.Root + ".api.>"},
 			js.kvRead(subjects.BucketModels, true), js.kvRead(subjects.BucketPlans, true), js.kvRead(subjects.BucketNodes, true),
 			js.kvRead(subjects.BucketAPIKeys, false), js.kvWrite(subjects.BucketExpertLoad), js.objectRead(subjects.ObjectFragments),
+			// The console follows the grid's event streams.
+			js.streamTail(subjects.StreamMembership, subjects.MembershipAll),
+			js.streamTail(subjects.StreamPlanEvents, subjects.PlanEventsAll),
+			js.streamTail(subjects.StreamDeadLetter, subjects.DeadLetterAll),
 		)
 	case RoleSettlement:
 		p = service(role, js,

@@ -26,6 +26,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/tessera-grid/tessera/deploy/accounts"
+	"github.com/tessera-grid/tessera/internal/proctest"
 	"github.com/tessera-grid/tessera/pkg/bus"
 	"github.com/tessera-grid/tessera/pkg/config"
 	"github.com/tessera-grid/tessera/pkg/svc"
@@ -58,8 +59,10 @@ func TestMain(m *testing.M) {
 		var cfg router.Config
 		svc.Main("router", router.EnvPrefix, &cfg, func(ctx context.Context, c *bus.Conn, log *slog.Logger) error {
 			return router.Run(ctx, cfg, router.Deps{Bus: c, Log: log, Listening: func(addr string) {
-				// The test reads the router's address from its log.
+				// The test reads the router's addresses from its log.
 				fmt.Fprintf(os.Stderr, "LISTENING %s\n", addr)
+			}, ConsoleListening: func(addr string) {
+				fmt.Fprintf(os.Stderr, "CONSOLE %s\n", addr)
 			}})
 		})
 	case "executor":
@@ -185,25 +188,8 @@ func (p *process) tail(n int) string {
 	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
 
-// freePorts returns n distinct free loopback ports (held open together, so
-// that they differ, then released).
-func freePorts(t testing.TB, n int) []int {
-	t.Helper()
-	var ports []int
-	var ls []net.Listener
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	for _, l := range ls {
-		l.Close()
-	}
-	return ports
-}
+// freePorts returns n distinct free loopback ports.
+func freePorts(t testing.TB, n int) []int { return proctest.FreePorts(t, n) }
 
 // checkFor calls f every interval until it returns nil or timeout passes,
 // then fails the test with f's last error.

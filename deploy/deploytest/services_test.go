@@ -52,7 +52,8 @@ func TestServicesWithOwnCredentials(t *testing.T) {
 	start(t, "planner", "planner", append(env, "TESSERA_PLANNER_SETTLE=200ms", "TESSERA_PLANNER_STRATEGY=exo"))
 	env, _ = g.env(t, s.URL, accounts.RoleRouter, "router-1")
 	router := start(t, "router", "router", append(env,
-		"TESSERA_ROUTER_HTTP_ADDR=127.0.0.1:0", "TESSERA_ROUTER_ANONYMOUS_CUSTOMER=acme", "TESSERA_ROUTER_STAGE_TIMEOUT=5s"))
+		"TESSERA_ROUTER_HTTP_ADDR=127.0.0.1:0", "TESSERA_ROUTER_ANONYMOUS_CUSTOMER=acme", "TESSERA_ROUTER_STAGE_TIMEOUT=5s",
+		"TESSERA_ROUTER_CONSOLE_ADDR=127.0.0.1:0"))
 	nodes := []string{"n1", "n2"}
 	for _, n := range nodes {
 		// The node's identity is its NATS user key: the .creds file holds
@@ -154,6 +155,36 @@ func TestServicesWithOwnCredentials(t *testing.T) {
 			return nil
 		})
 	}
+	// The console, under the router's credentials, follows the grid's
+	// membership and plan events and asks settlement (absent here) for
+	// its lag.
+	console := regexp.MustCompile(`CONSOLE (\S+)`).FindStringSubmatch(router.logText())
+	if console == nil {
+		t.Fatal("router did not start its console")
+	}
+	checkFor(t, 20*time.Second, 100*time.Millisecond, func() error {
+		resp, err := http.Get("http://" + console[1] + "/console/api/state")
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		var st struct {
+			Nodes      []json.RawMessage      `json:"nodes"`
+			Membership []wire.MembershipEvent `json:"membership"`
+			PlanEvents []wire.PlanEvent       `json:"plan_events"`
+			Settlement struct {
+				OK    bool   `json:"ok"`
+				Error string `json:"error"`
+			} `json:"settlement"`
+		}
+		if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+			return err
+		}
+		if len(st.Nodes) != len(nodes) || len(st.Membership) < len(nodes) || len(st.PlanEvents) == 0 || st.Settlement.OK || st.Settlement.Error == "" {
+			return fmt.Errorf("console: %d nodes, %d membership events, %d plan events, settlement %+v", len(st.Nodes), len(st.Membership), len(st.PlanEvents), st.Settlement)
+		}
+		return nil
+	})
 	if v := regexp.MustCompile(`.*Violation.*`).FindAllString(s.logText(), 5); len(v) > 0 {
 		t.Fatalf("the server refused what a service did:\n%s", strings.Join(v, "\n"))
 	}

@@ -85,6 +85,9 @@ type Grid struct {
 	services map[string]*running
 	httpAddr chan string
 	addr     string
+	// console receives the console's address each time the router starts.
+	console     chan string
+	consoleAddr string
 }
 
 type running struct {
@@ -98,7 +101,7 @@ func Start(ctx context.Context, o Options) (*Grid, error) {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
-	g := &Grid{opts: o, log: o.Log, services: map[string]*running{}, httpAddr: make(chan string, 1)}
+	g := &Grid{opts: o, log: o.Log, services: map[string]*running{}, httpAddr: make(chan string, 1), console: make(chan string, 1)}
 	if o.SharedPool {
 		g.pool = compute.NewPool(o.Executor.Threads)
 	}
@@ -230,6 +233,11 @@ func (g *Grid) StartRouter() error {
 			case g.httpAddr <- a:
 			default:
 			}
+		}, ConsoleListening: func(a string) {
+			select {
+			case g.console <- a:
+			default:
+			}
 		}})
 	})
 }
@@ -256,16 +264,27 @@ func (g *Grid) StartExecutor(i int) error {
 
 // HTTPAddr waits for the router's HTTP address.
 func (g *Grid) HTTPAddr(ctx context.Context) (string, error) {
+	return g.waitAddr(ctx, g.httpAddr, &g.addr)
+}
+
+// ConsoleAddr waits for the address of the router's console (the router
+// must be configured with a ConsoleAddr).
+func (g *Grid) ConsoleAddr(ctx context.Context) (string, error) {
+	return g.waitAddr(ctx, g.console, &g.consoleAddr)
+}
+
+// waitAddr returns *known, or waits for an address on ch and keeps it there.
+func (g *Grid) waitAddr(ctx context.Context, ch <-chan string, known *string) (string, error) {
 	g.mu.Lock()
-	a := g.addr
+	a := *known
 	g.mu.Unlock()
 	if a != "" {
 		return a, nil
 	}
 	select {
-	case a := <-g.httpAddr:
+	case a := <-ch:
 		g.mu.Lock()
-		g.addr = a
+		*known = a
 		g.mu.Unlock()
 		return a, nil
 	case <-ctx.Done():

@@ -193,3 +193,8 @@ func NodeInbox(node string) string { return "_INBOX_node_" + node }
 // ServiceInbox is the inbox prefix of a grid service's NATS clients (for
 // example "registry"), private to that service like NodeInbox.
 func ServiceInbox(service string) string { return "_INBOX_svc_" + service }
+
+// ServiceStats is the micro discovery subject that every instance of a
+// service (for example "settlement") answers with its statistics; the
+// router's console reads settlement's lag from it.
+func ServiceStats(service string) string { return "$SRV.STATS." + service }

@@ -27,6 +27,7 @@ import (
 	"github.com/tessera-grid/tessera/services/executor/internal/identity"
 	"github.com/tessera-grid/tessera/services/executor/internal/node"
 	"github.com/tessera-grid/tessera/services/executor/internal/speed"
+	"github.com/tessera-grid/tessera/services/executor/internal/spool"
 )
 
 // EnvPrefix is the prefix of the executor's environment variables.
@@ -41,7 +42,9 @@ type Config struct {
 	Supplier string `env:"SUPPLIER, default=local"`
 	// Region is where the node runs (used for placement and routing).
 	Region string `env:"REGION, default=local"`
-	// StateDir keeps the node's identity seed.
+	// StateDir keeps the node's identity seed, its measured speeds and its
+	// usage spool (usage.spool: signed usage events not yet acknowledged
+	// by the stream, published again at start).
 	StateDir string `env:"STATE_DIR, default=var/executor"`
 	// IdentitySeed is the path of the node's nkey seed (or a .creds file);
 	// created on first start. Default: STATE_DIR/node.seed.
@@ -168,17 +171,31 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return err
 	}
+	usage, err := spool.Open(filepath.Join(cfg.StateDir, "usage.spool"))
+	if err != nil {
+		return err
+	}
+	defer usage.Close()
+	if pending := usage.Len(); pending > 0 {
+		log.Info("usage spool holds events not yet acknowledged; publishing them", "events", pending)
+	}
 	n, err := node.New(node.Options{
 		ID: cfg.NodeID, Supplier: cfg.Supplier, Region: cfg.Region, DeviceType: deviceType(devices),
 		Threads: cfg.Threads, MaxBatch: cfg.MaxBatch, SessionIdle: cfg.SessionIdle, MemoryBudget: budget,
 		Signer:          signer,
+		Spool:           usage,
 		TamperChallenge: deps.TamperChallenge,
 	}, deps.Bus, log)
 	if err != nil {
 		return err
 	}
 	hb := &heartbeater{cfg: cfg, bus: deps.Bus, node: n, id: id, backend: backend, budget: budget, log: log,
-		speeds: speeds, measured: make(chan struct{})}
+		speeds: speeds, measured: make(chan struct{}), devices: devices}
+	if unregister, err := registerDeviceGauges(cfg.NodeID, hb.lastDevices); err != nil {
+		log.Warn("device gauges not registered", "err", err)
+	} else {
+		defer unregister()
+	}
 	// The node serves on a context of its own, so that it keeps serving
 	// while it drains after ctx ends.
 	nodeCtx, stopNode := context.WithCancel(context.WithoutCancel(ctx))
@@ -243,6 +260,15 @@ type heartbeater struct {
 	mu     sync.Mutex
 	seq    uint64
 	models []wire.ModelManifest
+	// devices is the last device snapshot, for the device gauges.
+	devices []wire.Device
+}
+
+// lastDevices returns the last device snapshot a heartbeat took.
+func (h *heartbeater) lastDevices() []wire.Device {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.devices
 }
 
 func (h *heartbeater) run(ctx context.Context) {
@@ -345,6 +371,9 @@ func (h *heartbeater) send(state string) {
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if err == nil {
+		h.devices = devices
+	}
 	h.seq++
 	hb := wire.Heartbeat{
 		Node: h.cfg.NodeID, Supplier: h.cfg.Supplier, Region: h.cfg.Region,

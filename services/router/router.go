@@ -17,6 +17,7 @@ import (
 	"github.com/tessera-grid/tessera/services/router/internal/admission"
 	"github.com/tessera-grid/tessera/services/router/internal/api"
 	"github.com/tessera-grid/tessera/services/router/internal/auth"
+	"github.com/tessera-grid/tessera/services/router/internal/console"
 	"github.com/tessera-grid/tessera/services/router/internal/generate"
 	"github.com/tessera-grid/tessera/services/router/internal/grid"
 )
@@ -59,6 +60,10 @@ type Config struct {
 	QueueWait time.Duration `env:"QUEUE_WAIT, default=30s"`
 	// MaxBody caps HTTP request bodies, in bytes.
 	MaxBody int64 `env:"MAX_BODY, default=1048576"`
+	// ConsoleAddr is where the operator console listens (GET /console/;
+	// empty: no console). It shows the whole grid: keep it on a private
+	// address, apart from the API.
+	ConsoleAddr string `env:"CONSOLE_ADDR"`
 }
 
 // Deps are what Run needs from its host process.
@@ -67,6 +72,9 @@ type Deps struct {
 	Log *slog.Logger
 	// Listening, if set, receives the HTTP address once it accepts requests.
 	Listening func(addr string)
+	// ConsoleListening, if set, receives the console's address once it
+	// accepts requests.
+	ConsoleListening func(addr string)
 }
 
 // Run serves until ctx ends.
@@ -84,8 +92,9 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return err
 	}
+	engine := generate.New(deps.Bus, view, log, cfg.StageTimeout, cfg.FailoverWait, generate.RouteCosts{Region: cfg.Region, RegionLatency: cfg.RegionLatency})
 	srv := &api.Server{
-		Engine: generate.New(deps.Bus, view, log, cfg.StageTimeout, cfg.FailoverWait, generate.RouteCosts{Region: cfg.Region, RegionLatency: cfg.RegionLatency}), View: view, Auth: keys, Log: log,
+		Engine: engine, View: view, Auth: keys, Log: log,
 		MaxBody: cfg.MaxBody, DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout,
 		Admission: admission.New(admission.Limits{Concurrent: cfg.CustomerConcurrency, TokensPerMinute: cfg.CustomerTokensPerMinute}, cfg.QueueSize, cfg.QueueWait),
 	}
@@ -94,6 +103,13 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		return fmt.Errorf("micro service: %w", err)
 	}
 	defer ms.Stop()
+	if cfg.ConsoleAddr != "" {
+		stop, err := serveConsole(ctx, cfg.ConsoleAddr, console.New(deps.Bus, view, engine.Activity(), log), log, deps.ConsoleListening)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
 	if cfg.HTTPAddr == "" {
 		<-ctx.Done()
 		return nil
@@ -120,6 +136,35 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		return err
 	}
 	return nil
+}
+
+// serveConsole serves the console on addr until the returned function is
+// called.
+func serveConsole(ctx context.Context, addr string, c *console.Console, log *slog.Logger, listening func(string)) (func(), error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("%sCONSOLE_ADDR=%s: %w", EnvPrefix, addr, err)
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	tails := make(chan struct{})
+	go func() { c.Run(cctx); close(tails) }()
+	hs := &http.Server{Handler: c.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("console", "err", err)
+		}
+	}()
+	log.Info("console listening", "url", "http://"+ln.Addr().String()+"/console/")
+	if listening != nil {
+		listening(ln.Addr().String())
+	}
+	return func() {
+		sctx, stop := context.WithTimeout(context.Background(), 5*time.Second)
+		defer stop()
+		_ = hs.Shutdown(sctx)
+		cancel()
+		<-tails
+	}, nil
 }
 
 // Limits are a customer's quotas (zero fields: unlimited).

@@ -337,3 +337,29 @@ func (g *grid) usageConsumerInfo() *jetstream.ConsumerInfo {
 	}
 	return c.CachedInfo()
 }
+
+// deadLetters reads the first n letters of stream DEADLETTER, checking that
+// each is on its reason's subject.
+func (g *grid) deadLetters(n int) []wire.DeadLetter {
+	g.t.Helper()
+	dl, err := g.conn.JS.OrderedConsumer(context.Background(), subjects.StreamDeadLetter, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	var out []wire.DeadLetter
+	for range n {
+		m, err := dl.Next(jetstream.FetchMaxWait(10 * time.Second))
+		if err != nil {
+			g.t.Fatalf("dead letter %d of %d: %v", len(out)+1, n, err)
+		}
+		var d wire.DeadLetter
+		if err := wire.Decode(m.Data(), &d); err != nil {
+			g.t.Fatal(err)
+		}
+		if m.Subject() != subjects.DeadLetter(d.Service, d.Reason) {
+			g.t.Fatalf("dead letter %+v on %s", d, m.Subject())
+		}
+		out = append(out, d)
+	}
+	return out
+}

@@ -117,6 +117,7 @@ const (
 	ReasonKeyMismatch   = settle.ReasonKeyMismatch
 	ReasonBadSignature  = settle.ReasonBadSignature
 	ReasonPriceOverflow = settle.ReasonPriceOverflow
+	ReasonDuplicate     = settle.ReasonDuplicate
 )
 
 // Statement types, as the endpoints return them.

@@ -20,6 +20,7 @@ import (
 	"github.com/tessera-grid/tessera/pkg/fragstore"
 	"github.com/tessera-grid/tessera/pkg/subjects"
 	"github.com/tessera-grid/tessera/pkg/wire"
+	"github.com/tessera-grid/tessera/services/executor/internal/spool"
 )
 
 // Options configures a Node.
@@ -46,6 +47,15 @@ type Options struct {
 	MemoryBudget uint64
 	// Signer signs usage events; nil publishes them unsigned.
 	Signer UsageSigner
+	// Spool keeps usage events on disk until the stream acknowledges them;
+	// nil publishes them from memory only.
+	Spool *spool.Spool
+	// PublishTimeout is how long a release keeps retrying its usage events
+	// before it leaves them to the spool (default 30s).
+	PublishTimeout time.Duration
+	// SpoolRetry is how often events a release could not publish are
+	// tried again (default 10s).
+	SpoolRetry time.Duration
 	// TamperChallenge, when set, alters every challenge answer before it is
 	// sent: tests use it to play a node that computes wrongly.
 	TamperChallenge func(out []float32)
@@ -66,6 +76,8 @@ type Node struct {
 	log   *slog.Logger
 	store *fragstore.Store
 	pool  *compute.Pool
+
+	metrics *metrics
 
 	mu       sync.Mutex
 	models   map[string]*modelState
@@ -100,6 +112,12 @@ func New(opts Options, b *bus.Conn, log *slog.Logger) (*Node, error) {
 	if opts.DeviceType == "" {
 		opts.DeviceType = "cpu"
 	}
+	if opts.PublishTimeout <= 0 {
+		opts.PublishTimeout = 30 * time.Second
+	}
+	if opts.SpoolRetry <= 0 {
+		opts.SpoolRetry = 10 * time.Second
+	}
 	pool := opts.Pool
 	if pool == nil {
 		pool = compute.NewPool(opts.Threads)
@@ -107,6 +125,7 @@ func New(opts Options, b *bus.Conn, log *slog.Logger) (*Node, error) {
 	return &Node{
 		opts: opts, bus: b, log: log.With("node", opts.ID),
 		pool:     pool,
+		metrics:  newMetrics(opts.ID),
 		models:   map[string]*modelState{},
 		sessions: map[sessionKey]*session{},
 		released: map[string]time.Time{},
@@ -142,10 +161,13 @@ func (n *Node) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("subscribe challenge: %w", err)
 	}
+	unregister := n.metrics.register(n)
+	defer unregister()
 	var wg sync.WaitGroup
-	wg.Add(2)
+	wg.Add(3)
 	go func() { defer wg.Done(); n.watchPlans(ctx) }()
 	go func() { defer wg.Done(); n.reapIdle(ctx) }()
+	go func() { defer wg.Done(); n.replaySpool(ctx, n.opts.SpoolRetry) }()
 	<-ctx.Done()
 	// Stop taking work, finish what is queued, then account for it.
 	_ = sub.Drain()

@@ -4,16 +4,20 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/tessera-grid/tessera/pkg/compute"
 	"github.com/tessera-grid/tessera/pkg/model"
 	"github.com/tessera-grid/tessera/pkg/subjects"
 	"github.com/tessera-grid/tessera/pkg/wire"
+	"github.com/tessera-grid/tessera/services/executor/internal/spool"
 )
 
 // sessionKey identifies one request's state on one layer range.
@@ -28,8 +32,14 @@ type session struct {
 	key      sessionKey
 	cache    *compute.Cache
 	customer string
-	usage    wire.UsageEvent
 	last     time.Time
+	// mu guards usage and trace: a release may publish a session's usage
+	// while its last job is still being accounted.
+	mu    sync.Mutex
+	usage wire.UsageEvent
+	// trace is the trace context of the request's first stage request on
+	// this node; its usage event carries it to settlement.
+	trace trace.SpanContext
 	// cacheBytes is the cache's size, stored by the runner after each
 	// forward pass so that Status can read it while the cache grows.
 	cacheBytes atomic.Int64
@@ -50,12 +60,19 @@ func (n *Node) session(j *job, man wire.ModelManifest) *session {
 			n.sessions[key] = se
 		}
 	}
+	se.mu.Lock()
+	if !se.trace.IsValid() {
+		se.trace = j.origin
+	}
+	se.mu.Unlock()
 	se.last = time.Now()
 	return se
 }
 
 // account adds one served job to the session's usage.
 func (se *session) account(j *job, took time.Duration, man wire.ModelManifest) {
+	se.mu.Lock()
+	defer se.mu.Unlock()
 	u := &se.usage
 	rows := int64(j.rows)
 	// Tokens are the customer's bill: only the stage with the head counts
@@ -208,8 +225,12 @@ func usageID(node string, k sessionKey) string {
 // publishUsage publishes one usage event per session, signed as a batch.
 func (n *Node) publishUsage(done []*session, why string) {
 	events := make([]*wire.UsageEvent, 0, len(done))
+	traces := make([]trace.SpanContext, 0, len(done))
 	for _, se := range done {
-		u := se.usage
+		se.mu.Lock()
+		u, tc := se.usage, se.trace
+		se.mu.Unlock()
+		traces = append(traces, tc)
 		u.ID = usageID(n.opts.ID, se.key)
 		u.Request = se.key.request
 		u.Customer = se.customer
@@ -234,11 +255,26 @@ func (n *Node) publishUsage(done []*session, why string) {
 			n.log.Error("usage not signed", "err", err)
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	entries := make([]spool.Entry, 0, len(events))
+	for i, u := range events {
+		b, err := json.Marshal(u)
+		if err != nil {
+			n.log.Error("usage event not encoded", "id", u.ID, "err", err)
+			continue
+		}
+		entries = append(entries, spool.Entry{ID: u.ID, Data: b, Header: traceHeaders(traces[i])})
+	}
+	// On disk before it leaves: a crash from here on loses nothing.
+	if n.opts.Spool != nil {
+		if err := n.opts.Spool.Append(entries...); err != nil {
+			n.log.Error("usage not spooled; publishing it without a copy on disk", "events", len(entries), "err", err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), n.opts.PublishTimeout)
 	defer cancel()
-	for _, u := range events {
-		if err := n.publishEvent(ctx, u); err != nil {
-			n.log.Error("usage event not published", "id", u.ID, "request", u.Request, "err", err)
+	for _, e := range entries {
+		if err := n.publishEntry(ctx, e); err != nil {
+			n.log.Error("usage event not published yet; it stays spooled", "id", e.ID, "err", err)
 		}
 	}
 	n.log.Debug("usage published", "events", len(events), "why", why)

@@ -36,6 +36,8 @@ type job struct {
 	received time.Time
 	ctx      context.Context
 	span     trace.Span
+	// origin is the requester's trace context, as the request carried it.
+	origin trace.SpanContext
 }
 
 // runner owns one compute.Stage (a layer range of a model) and runs its
@@ -125,6 +127,7 @@ func (n *Node) onStage(msg *nats.Msg) {
 		return
 	}
 	ctx := telemetry.Extract(context.Background(), msg)
+	j.origin = trace.SpanContextFromContext(ctx)
 	j.ctx, j.span = otel.Tracer("tessera/executor").Start(ctx, "executor.stage",
 		trace.WithAttributes(attribute.String("node", n.opts.ID), attribute.String("request", j.request),
 			attribute.String("range", fmt.Sprintf("[%d,%d)", j.first, j.end)), attribute.Int("rows", j.rows)))
@@ -326,6 +329,7 @@ func (n *Node) runBatch(r *runner, man wire.ModelManifest, batch []*job, items [
 func (n *Node) finish(j *job, se *session, it *compute.Item, took time.Duration, man wire.ModelManifest) {
 	defer j.span.End()
 	se.account(j, took, man)
+	n.metrics.stageDone(j, took)
 	if j.msg.Reply == "" {
 		return
 	}

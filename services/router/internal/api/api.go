@@ -17,6 +17,9 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/propagation"
+
 	"github.com/tessera-grid/tessera/pkg/wire"
 	"github.com/tessera-grid/tessera/services/router/internal/admission"
 	"github.com/tessera-grid/tessera/services/router/internal/generate"
@@ -217,7 +220,9 @@ func (s *Server) completions(w http.ResponseWriter, r *http.Request) {
 
 // serve runs req and writes either one JSON response or an SSE stream.
 func (s *Server) serve(w http.ResponseWriter, r *http.Request, req generate.Request, who Principal, stream bool, so *wire.StreamOptions, shape responseShape) {
-	ctx := r.Context()
+	// A caller's trace context (W3C traceparent) makes the request part of
+	// its trace.
+	ctx := otel.GetTextMapPropagator().Extract(r.Context(), propagation.HeaderCarrier(r.Header))
 	if s.RequestTimeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, s.RequestTimeout)

@@ -10,8 +10,10 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
+	"go.opentelemetry.io/otel"
 
 	"github.com/tessera-grid/tessera/pkg/subjects"
+	"github.com/tessera-grid/tessera/pkg/telemetry"
 	"github.com/tessera-grid/tessera/pkg/wire"
 	"github.com/tessera-grid/tessera/services/router/internal/generate"
 )
@@ -114,7 +116,8 @@ func (s *Server) natsChat(r micro.Request) {
 // natsServe generates req; with stream set, chunks go to the subject named
 // in the Tessera-Stream-Inbox header.
 func (s *Server) natsServe(r micro.Request, req generate.Request, who Principal, stream bool, shape responseShape) {
-	ctx := context.Background()
+	// A caller's trace context makes the request part of its trace.
+	ctx := otel.GetTextMapPropagator().Extract(context.Background(), telemetry.HeaderCarrier(r.Headers()))
 	if s.RequestTimeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, s.RequestTimeout)

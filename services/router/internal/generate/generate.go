@@ -72,6 +72,7 @@ type Engine struct {
 	failoverWait time.Duration
 	costs        RouteCosts
 	health       *health
+	metrics      *metrics
 }
 
 // New returns an engine over the grid view. stageTimeout bounds one pass
@@ -90,7 +91,7 @@ func New(b *bus.Conn, view *grid.View, log *slog.Logger, stageTimeout, failoverW
 	if costs.DefaultLayerTime <= 0 {
 		costs.DefaultLayerTime = time.Millisecond
 	}
-	return &Engine{bus: b, view: view, log: log, stageTimeout: stageTimeout, failoverWait: failoverWait, costs: costs, health: newHealth()}
+	return &Engine{bus: b, view: view, log: log, stageTimeout: stageTimeout, failoverWait: failoverWait, costs: costs, health: newHealth(), metrics: newMetrics()}
 }
 
 // NewID returns a random request id.
@@ -131,11 +132,12 @@ func (e *Engine) Validate(req *Request) (*grid.Model, []int, error) {
 
 // Generate runs req, calling emit with each new piece of text (whole UTF-8
 // characters only) as it is produced; emit may be nil.
-func (e *Engine) Generate(ctx context.Context, req Request, emit func(text string, token int)) (*Result, error) {
+func (e *Engine) Generate(ctx context.Context, req Request, emit func(text string, token int)) (_ *Result, err error) {
 	m, prompt, err := e.Validate(&req)
 	if err != nil {
 		return nil, err
 	}
+	defer func() { e.metrics.finished(ctx, req.Model, len(prompt), err) }()
 	if req.ID == "" {
 		req.ID = NewID("req-")
 	}
@@ -162,6 +164,7 @@ func (e *Engine) Generate(ctx context.Context, req Request, emit func(text strin
 			break
 		}
 		res.Tokens = append(res.Tokens, next)
+		e.metrics.token(ctx, req.Model)
 		s.seq = append(s.seq, next)
 		pending = append(pending, m.Tokenizer.Decode(prev, next)...)
 		prev = next
@@ -316,6 +319,7 @@ func (s *session) step(ctx context.Context) ([]float32, error) {
 		}
 		lastErr = err
 		s.e.log.Warn("stage failed; re-routing", "request", s.req.ID, "node", failed, "err", err)
+		s.e.metrics.failover(ctx, StageFailure{Time: time.Now().UTC(), Request: s.req.ID, Model: s.req.Model, Node: failed, Error: err.Error()})
 		if failed != "" {
 			s.e.health.fail(failed)
 		}
@@ -360,7 +364,9 @@ func (s *session) send(ctx context.Context) ([]float32, string, error) {
 		h.Set(wire.HdrPhase, phase)
 		msg.Data = frame
 		telemetry.Inject(ctx, msg)
+		sent := time.Now()
 		reply, err := s.call(ctx, hp.node, msg, s.e.stageTimeout+time.Duration(len(in))*10*time.Millisecond)
+		s.e.metrics.hopDone(ctx, s.req.Model, phase, time.Since(sent))
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil, "", ctx.Err()

@@ -343,3 +343,71 @@ func (l *Ledger) SaveNodeKey(ctx context.Context, node, key string, seen time.Ti
 	}
 	return nil
 }
+
+// lookupChunk is how many event ids one StoredIDs query names, so that
+// the query stays well under ClickHouse's max_query_size (256 KiB).
+const lookupChunk = 1000
+
+// StoredIDs returns which of the ids of events are stored already. Only
+// the parts where such an event can be are read: its customer and end
+// time (whole seconds) lead the sort key, and it was settled after it
+// ended, less an hour for settlement's clock being behind the node's.
+func (l *Ledger) StoredIDs(ctx context.Context, events []*wire.UsageEvent) (map[string]bool, error) {
+	found := map[string]bool{}
+	for len(events) > 0 {
+		n := min(len(events), lookupChunk)
+		if err := l.storedIDs(ctx, events[:n], found); err != nil {
+			return nil, err
+		}
+		events = events[n:]
+	}
+	return found, nil
+}
+
+func (l *Ledger) storedIDs(ctx context.Context, events []*wire.UsageEvent, found map[string]bool) error {
+	ids := make([]any, 0, len(events))
+	customers := map[string]bool{}
+	var cs []any
+	from, to := events[0].End, events[0].End
+	for _, e := range events {
+		ids = append(ids, e.ID)
+		if !customers[e.Customer] {
+			customers[e.Customer] = true
+			cs = append(cs, e.Customer)
+		}
+		from, to = minTime(from, e.End), maxTime(to, e.End)
+	}
+	from = from.UTC().Truncate(time.Second)
+	rows, err := l.conn.Query(ctx, l.sql(`SELECT DISTINCT id FROM {db}.usage_events
+		WHERE customer IN ? AND end_time >= toDateTime(?) AND end_time <= toDateTime(?) AND settled_at >= toDateTime(?) AND id IN ?`),
+		clickhouse.GroupSet{Value: cs}, from.Unix(), to.Unix(), from.Add(-time.Hour).Unix(), clickhouse.GroupSet{Value: ids})
+	if err != nil {
+		return fmt.Errorf("clickhouse stored ids: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			return fmt.Errorf("clickhouse stored ids: %w", err)
+		}
+		found[id] = true
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("clickhouse stored ids: %w", err)
+	}
+	return nil
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
+}

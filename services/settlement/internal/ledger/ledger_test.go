@@ -297,3 +297,40 @@ func TestFinishInsertsEndsRunningInserts(t *testing.T) {
 		t.Fatal("FinishInserts returned while the query still runs")
 	}
 }
+
+// StoredIDs finds the stored events among many (more than one query's
+// worth), and only events whose recorded fields match.
+func TestStoredIDs(t *testing.T) {
+	l := newLedger(t)
+	ctx := context.Background()
+	stored := rows(1, 2500)
+	settled := stored[len(stored)-1].Event.End.Add(time.Minute)
+	if err := l.Insert(ctx, stored, settled); err != nil {
+		t.Fatal(err)
+	}
+	var events []*wire.UsageEvent
+	for _, r := range rows(1, 2600) {
+		events = append(events, r.Event)
+	}
+	moved := *events[10]
+	moved.Customer = "someone-else"
+	events = append(events, &moved)
+	found, err := l.StoredIDs(ctx, events)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(found) != 2500 {
+		t.Fatalf("%d ids found, want 2500", len(found))
+	}
+	for _, r := range stored {
+		if !found[r.Event.ID] {
+			t.Fatalf("stored event %s not found", r.Event.ID)
+		}
+	}
+	if found, err := l.StoredIDs(ctx, []*wire.UsageEvent{&moved}); err != nil || len(found) != 0 {
+		t.Fatalf("event with another customer: found %v, %v", found, err)
+	}
+	if found, err := l.StoredIDs(ctx, nil); err != nil || len(found) != 0 {
+		t.Fatalf("no events: %v, %v", found, err)
+	}
+}

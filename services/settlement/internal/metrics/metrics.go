@@ -26,7 +26,8 @@ type Settlement struct {
 	// Unpriced counts events settled without a price for their model or
 	// device class.
 	Unpriced atomic.Int64
-	// Batches counts inserts; InsertErrors failed insert attempts.
+	// Batches counts inserts; InsertErrors failed ClickHouse attempts while
+	// storing a batch (inserts, and the lookups of replayed event ids).
 	Batches      atomic.Int64
 	InsertErrors atomic.Int64
 	// ConsumerResets counts restarts of delivery from the ledger position.
@@ -119,7 +120,7 @@ func (s *Settlement) Register(meter metric.Meter) (func() error, error) {
 	if err != nil {
 		return nil, err
 	}
-	insertErrs, err := meter.Int64ObservableCounter("settlement.insert.errors", metric.WithDescription("failed ClickHouse insert attempts"))
+	insertErrs, err := meter.Int64ObservableCounter("settlement.insert.errors", metric.WithDescription("failed ClickHouse attempts while storing batches"))
 	if err != nil {
 		return nil, err
 	}

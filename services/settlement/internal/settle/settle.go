@@ -38,9 +38,14 @@ import (
 	"github.com/go-json-experiment/json"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/tessera-grid/tessera/pkg/bus"
 	"github.com/tessera-grid/tessera/pkg/subjects"
+	"github.com/tessera-grid/tessera/pkg/telemetry"
 	"github.com/tessera-grid/tessera/pkg/usagesig"
 	"github.com/tessera-grid/tessera/pkg/wire"
 	"github.com/tessera-grid/tessera/services/settlement/internal/ledger"
@@ -66,7 +71,14 @@ const (
 	ReasonBadSignature = "bad_signature"
 	// ReasonPriceOverflow: the event's counts are too large to price.
 	ReasonPriceOverflow = "price_overflow"
+	// ReasonDuplicate: an event with this id is settled already, at an
+	// earlier sequence: the node published it again after the stream's
+	// de-duplication window (a replay of its usage spool).
+	ReasonDuplicate = "duplicate"
 )
+
+// TracerName is the instrumentation scope of settlement's spans.
+const TracerName = "tessera/settlement"
 
 // KeyResolver gives every public key the registry has held for a node; an
 // error wrapping nodekeys.ErrUnknownNode means none. Other errors are
@@ -127,6 +139,12 @@ type Settler struct {
 	next, done uint64
 	// stored is the ledger's position as last known.
 	stored atomic.Uint64
+	// replayAge is how long after its end an event may reach the stream
+	// before it is looked up in the ledger by id: half the stream's
+	// de-duplication window (read at the start of each session), so that
+	// every event the window could have missed is looked up, even from a
+	// node whose clock is off by less than the other half.
+	replayAge time.Duration
 }
 
 // Validate reports the first unusable setting.
@@ -205,6 +223,11 @@ func (s *Settler) session(ctx context.Context) error {
 		return err
 	}
 	s.stored.Store(pos)
+	stream, err := s.js.Stream(ctx, subjects.StreamUsage)
+	if err != nil {
+		return fmt.Errorf("stream %s: %w", subjects.StreamUsage, err)
+	}
+	s.replayAge = stream.CachedInfo().Config.Duplicates / 2
 	s.next = max(pos+1, s.done)
 	s.m.Position.Store(s.next - 1)
 	cons, err := s.consumer(ctx, s.next)
@@ -239,9 +262,9 @@ func (s *Settler) session(ctx context.Context) error {
 // prepared is a verified, priced batch, ready to be stored.
 type prepared struct {
 	rows []ledger.Row
-	// raw holds each row's event as published, for the customer streams.
-	raw  [][]byte
-	dead []deadLetter
+	// about holds for each row its message and more.
+	about []rowInfo
+	dead  []deadLetter
 	// last is the batch's message with the highest sequence: acknowledging
 	// it acknowledges the batch (AckAll acknowledges by stream sequence).
 	last    jetstream.Msg
@@ -344,6 +367,56 @@ type deadLetter struct {
 	seq    uint64
 	reason string
 	cause  error
+	span   trace.Span
+}
+
+// rowInfo is what a batch keeps beside each row it will store.
+type rowInfo struct {
+	// msg is the event as published (its data goes to the customer streams).
+	msg jetstream.Msg
+	// span follows the event through settlement in its request's trace.
+	span trace.Span
+	// lookup: the event reached the stream so late after its end that the
+	// stream's de-duplication may have missed a second publish of it, so
+	// the ledger is asked whether its id is stored already.
+	lookup bool
+}
+
+// startSpan starts the span of settling one event, in the trace of the
+// request it is for; events without trace context get none.
+func startSpan(m jetstream.Msg, seq uint64) trace.Span {
+	h := m.Headers()
+	if h.Get("traceparent") == "" {
+		return nil
+	}
+	ctx := otel.GetTextMapPropagator().Extract(context.Background(), telemetry.HeaderCarrier(h))
+	_, span := otel.Tracer(TracerName).Start(ctx, "settlement.settle", trace.WithSpanKind(trace.SpanKindConsumer),
+		trace.WithAttributes(attribute.Int64("seq", int64(seq)), attribute.String("subject", m.Subject())))
+	return span
+}
+
+// endSpan ends span (nil: none) with the event's outcome.
+func endSpan(span trace.Span, outcome string, err error) {
+	if span == nil {
+		return
+	}
+	span.SetAttributes(attribute.String("outcome", outcome))
+	if err != nil {
+		span.RecordError(err)
+		span.SetStatus(codes.Error, err.Error())
+	}
+	span.End()
+}
+
+// abandon ends the spans of a batch that will not be stored now (its
+// session failed; the events are delivered again).
+func (p *prepared) abandon(err error) {
+	for _, a := range p.about {
+		endSpan(a.span, "retried", err)
+	}
+	for _, d := range p.dead {
+		endSpan(d.span, "retried", err)
+	}
 }
 
 // prepare verifies and prices one batch; see the package documentation
@@ -351,7 +424,7 @@ type deadLetter struct {
 func (s *Settler) prepare(ctx context.Context, batch []jetstream.Msg) (*prepared, error) {
 	book := s.prices.Load()
 	events := make([]wire.UsageEvent, len(batch))
-	p := &prepared{rows: make([]ledger.Row, 0, len(batch)), raw: make([][]byte, 0, len(batch))}
+	p := &prepared{rows: make([]ledger.Row, 0, len(batch)), about: make([]rowInfo, 0, len(batch))}
 	for i, m := range batch {
 		md, err := m.Metadata()
 		if err != nil {
@@ -367,43 +440,61 @@ func (s *Settler) prepare(ctx context.Context, batch []jetstream.Msg) (*prepared
 		}
 		if seq > s.next {
 			if err := s.checkGap(ctx, s.next, seq); err != nil {
+				p.abandon(err)
 				return nil, err
 			}
 		}
 		s.next = seq + 1
 		ev := &events[i]
+		span := startSpan(m, seq)
 		reason, cause, err := s.check(ctx, m, ev)
 		if err != nil {
+			endSpan(span, "retried", err)
+			p.abandon(err)
 			return nil, err
 		}
+		if span != nil {
+			span.SetAttributes(attribute.String("event", ev.ID), attribute.String("node", ev.Node), attribute.String("request", ev.Request))
+		}
 		if reason != "" {
-			p.dead = append(p.dead, deadLetter{m, seq, reason, cause})
+			p.dead = append(p.dead, deadLetter{m, seq, reason, cause, span})
 			continue
 		}
 		price, err := book.Price(ev)
 		if err != nil {
-			p.dead = append(p.dead, deadLetter{m, seq, ReasonPriceOverflow, err})
+			p.dead = append(p.dead, deadLetter{m, seq, ReasonPriceOverflow, err, span})
 			continue
 		}
 		if !price.Priced {
 			s.m.Unpriced.Add(1)
 		}
 		p.rows = append(p.rows, ledger.Row{Seq: seq, Event: ev, PriceVersion: price.Version, ChargeMicros: price.ChargeMicros, EarningMicros: price.EarningMicros})
-		p.raw = append(p.raw, m.Data())
+		p.about = append(p.about, rowInfo{msg: m, span: span, lookup: md.Timestamp.Sub(ev.End) > s.replayAge})
 	}
 	p.next = s.next
 	return p, nil
 }
 
 // store dead-letters, republishes, inserts and acknowledges one batch.
-func (s *Settler) store(ctx context.Context, p *prepared) error {
-	for _, d := range p.dead {
+func (s *Settler) store(ctx context.Context, p *prepared) (err error) {
+	defer func() {
+		if err != nil {
+			p.abandon(err)
+		}
+	}()
+	if err := s.dropDuplicates(ctx, p); err != nil {
+		return err
+	}
+	for i, d := range p.dead {
 		msg := &nats.Msg{Subject: d.msg.Subject(), Data: d.msg.Data(), Header: d.msg.Headers()}
 		if err := bus.DeadLetter(ctx, s.js, Service, d.reason, d.cause, msg, d.seq); err != nil {
+			p.dead = p.dead[i:]
 			return err
 		}
 		s.m.DeadLettered(d.reason)
+		endSpan(d.span, "dead_lettered:"+d.reason, nil)
 	}
+	p.dead = nil
 	settledAt := time.Now().UTC().Truncate(time.Second)
 	if s.cfg.CustomerStreams {
 		if err := s.publishCustomers(ctx, p, settledAt); err != nil {
@@ -424,6 +515,58 @@ func (s *Settler) store(ctx context.Context, p *prepared) error {
 		s.m.Settled.Add(int64(len(p.rows)))
 		s.m.Batches.Add(1)
 	}
+	for _, a := range p.about {
+		endSpan(a.span, "settled", nil)
+	}
+	p.about = nil
+	return nil
+}
+
+// dropDuplicates moves to the dead letters every row whose event id is
+// stored already or comes earlier in the batch: a node published it again
+// after the stream's de-duplication window had passed. It runs when every
+// earlier batch is stored, so the ledger knows every earlier sequence.
+func (s *Settler) dropDuplicates(ctx context.Context, p *prepared) error {
+	var lookup []*wire.UsageEvent
+	for i, a := range p.about {
+		if a.lookup {
+			lookup = append(lookup, p.rows[i].Event)
+		}
+	}
+	// While ClickHouse is away, consuming stops here as it does at the
+	// insert.
+	var stored map[string]bool
+	delay := s.cfg.RetryMin
+	for {
+		var err error
+		if stored, err = s.ledger.StoredIDs(ctx, lookup); err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		s.m.InsertErrors.Add(1)
+		s.log.Warn("ledger lookup of replayed events failed; consuming stops until it succeeds", "events", len(lookup), "err", err, "retry_in", delay)
+		if !sleep(ctx, delay) {
+			return ctx.Err()
+		}
+		delay = min(2*delay, s.cfg.RetryMax)
+	}
+	seen := make(map[string]bool, len(p.rows))
+	keep := 0
+	for i, r := range p.rows {
+		id := r.Event.ID
+		if stored[id] || seen[id] {
+			s.log.Warn("usage event settled already; dead-lettered", "id", id, "node", r.Event.Node, "seq", r.Seq)
+			p.dead = append(p.dead, deadLetter{p.about[i].msg, r.Seq, ReasonDuplicate,
+				fmt.Errorf("event %q is settled already at an earlier sequence", id), p.about[i].span})
+			continue
+		}
+		seen[id] = true
+		p.rows[keep], p.about[keep] = r, p.about[i]
+		keep++
+	}
+	p.rows, p.about = p.rows[:keep], p.about[:keep]
 	return nil
 }
 
@@ -515,7 +658,7 @@ func (s *Settler) publishCustomers(ctx context.Context, p *prepared, settledAt t
 	futures := make([]jetstream.PubAckFuture, 0, len(p.rows))
 	for i, r := range p.rows {
 		ev := r.Event
-		data, err := customerUsage(nil, p.raw[i], r, settledAt)
+		data, err := customerUsage(nil, p.about[i].msg.Data(), r, settledAt)
 		if err != nil {
 			return fmt.Errorf("customer usage %q: %w", ev.ID, err)
 		}
