@@ -293,6 +293,7 @@ func (n *Node) runBatch(r *runner, man wire.ModelManifest, batch []*job, items [
 		sessions[i] = se
 		items = append(items, &compute.Item{Cache: se.cache, Pos: j.pos, N: j.rows, Tokens: j.tokens, Hidden: j.hidden, AllLogits: j.logits == "all"})
 	}
+	n.metrics.batchDone(len(batch))
 	start := time.Now()
 	err := r.stage.Forward(items)
 	elapsed := time.Since(start)
