@@ -58,12 +58,15 @@ func AppendF32(dst []byte, rows, cols int, v []float32) []byte {
 }
 
 // AppendI32 appends a frame of one row of int32 values (token ids) to dst.
-func AppendI32(dst []byte, v []int32) []byte {
-	dst = appendHeader(dst, I32, 1, len(v))
+func AppendI32(dst []byte, v []int32) []byte { return AppendI32Rows(dst, 1, len(v), v) }
+
+// AppendI32Rows appends a frame of rows×cols int32 values to dst.
+func AppendI32Rows(dst []byte, rows, cols int, v []int32) []byte {
+	dst = appendHeader(dst, I32, rows, cols)
 	if len(v) == 0 {
 		return dst
 	}
-	return append(dst, unsafe.Slice((*byte)(unsafe.Pointer(&v[0])), 4*len(v))...)
+	return append(dst, unsafe.Slice((*byte)(unsafe.Pointer(&v[0])), 4*rows*cols)...)
 }
 
 func appendHeader(dst []byte, dt DType, rows, cols int) []byte {
@@ -72,6 +75,19 @@ func appendHeader(dst []byte, dt DType, rows, cols int) []byte {
 	dst = binary.LittleEndian.AppendUint32(dst, uint32(rows))
 	dst = binary.LittleEndian.AppendUint32(dst, uint32(cols))
 	return dst
+}
+
+// frameSize is the size of the frame whose header starts b (at least
+// FrameHeaderSize bytes), checking the magic and the value limit.
+func frameSize(b []byte) (int, error) {
+	if string(b[:4]) != frameMagic {
+		return 0, fmt.Errorf("%w: bad magic %q", ErrFrame, b[:4])
+	}
+	n := uint64(binary.LittleEndian.Uint32(b[8:])) * uint64(binary.LittleEndian.Uint32(b[12:]))
+	if n > MaxFrameValues {
+		return 0, fmt.Errorf("%w: %d values exceed the limit of %d", ErrFrame, n, MaxFrameValues)
+	}
+	return FrameHeaderSize + int(4*n), nil
 }
 
 // DecodeFrame parses b, checking the magic, dtype and that the payload

@@ -21,6 +21,18 @@ const (
 	// HdrLogits is "last" (logits of the last row only, the default) or
 	// "all" (every row, for evaluation).
 	HdrLogits = "Tessera-Logits"
+	// HdrOp is absent on a stage request that starts a pass at the range's
+	// first layer, and OpResume on one that continues a paused pass.
+	HdrOp = "Tessera-Op"
+	// HdrSplit lists, comma-separated, the layers of a stage request's range
+	// whose feed-forward network the requester computes on expert holders:
+	// the stage node pauses at each of them (see expert.go).
+	HdrSplit = "Tessera-Split"
+	// HdrTrunk is set on the reply of a stage node that paused: the layer
+	// whose experts the requester must now compute.
+	HdrTrunk = "Tessera-Trunk"
+	// HdrLayer is the layer of an expert request.
+	HdrLayer = "Tessera-Layer"
 	// HdrError is set on error replies: "<code>: <message>".
 	HdrError = "Tessera-Error"
 	// HdrNode is set on replies: the node that produced it.
@@ -40,6 +52,10 @@ const (
 	// PhaseRecompute: a prefix re-run to rebuild KV caches after a failover.
 	PhaseRecompute = "recompute"
 )
+
+// OpResume is HdrOp on a stage request that carries, for a paused pass,
+// the summed expert outputs of the layer it paused at.
+const OpResume = "resume"
 
 // Error codes carried in HdrError.
 const (

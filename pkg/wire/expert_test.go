@@ -1,0 +1,52 @@
+package wire
+
+import (
+	"errors"
+	"testing"
+)
+
+func TestRoutedRoundTrip(t *testing.T) {
+	r := Routed{Rows: 2, Dim: 3, K: 2, X: []float32{1, 2, 3, 4, 5, 6}, Experts: []int32{0, 3, 2, -1}, Weights: []float32{0.25, 0.75, 1, 0}}
+	b := AppendRouted(nil, r)
+	got, err := DecodeRouted(b, 3, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Rows != 2 || got.K != 2 || got.X[5] != 6 || got.Experts[1] != 3 || got.Experts[3] != -1 || got.Weights[1] != 0.75 {
+		t.Fatalf("%+v", got)
+	}
+}
+
+func TestRoutedRejectsBadPayloads(t *testing.T) {
+	good := Routed{Rows: 1, Dim: 2, K: 1, X: []float32{1, 2}, Experts: []int32{1}, Weights: []float32{1}}
+	cases := map[string][]byte{
+		"expert out of range":   AppendRouted(nil, Routed{Rows: 1, Dim: 2, K: 1, X: []float32{1, 2}, Experts: []int32{4}, Weights: []float32{1}}),
+		"weighted padding":      AppendRouted(nil, Routed{Rows: 1, Dim: 2, K: 1, X: []float32{1, 2}, Experts: []int32{-1}, Weights: []float32{1}}),
+		"wrong width":           AppendRouted(nil, Routed{Rows: 1, Dim: 1, K: 1, X: []float32{1}, Experts: []int32{1}, Weights: []float32{1}}),
+		"missing weights":       AppendRouted(nil, good)[:len(AppendRouted(nil, good))-20],
+		"trailing bytes":        append(AppendRouted(nil, good), 0),
+		"no choices":            AppendF32(nil, 1, 2, []float32{1, 2}),
+		"choices of other rows": append(AppendF32(nil, 1, 2, []float32{1, 2}), append(AppendI32Rows(nil, 2, 1, []int32{1, 1}), AppendF32(nil, 2, 1, []float32{1, 1})...)...),
+	}
+	for name, b := range cases {
+		if _, err := DecodeRouted(b, 2, 4); !errors.Is(err, ErrFrame) {
+			t.Errorf("%s: err %v, want ErrFrame", name, err)
+		}
+	}
+}
+
+func TestExpertLoadAdd(t *testing.T) {
+	a := ExpertLoad{Model: "m", Layers: 1, Experts: 2, Counts: [][]int64{{1, 2}}, Tokens: 2}
+	if err := a.Add(&ExpertLoad{Model: "m", Layers: 1, Experts: 2, Counts: [][]int64{{3, 0}}, Tokens: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if a.Counts[0][0] != 4 || a.Counts[0][1] != 2 || a.Tokens != 3 {
+		t.Fatalf("%+v", a)
+	}
+	if err := a.Add(&ExpertLoad{Layers: 2, Experts: 2}); err == nil {
+		t.Fatal("counts of another shape added")
+	}
+	if err := (&ExpertLoad{Model: "m", Layers: 1, Experts: 2, Counts: [][]int64{{1}}}).Validate(); err == nil {
+		t.Fatal("ragged counts accepted")
+	}
+}
