@@ -64,6 +64,10 @@ type Config struct {
 	// empty: no console). It shows the whole grid: keep it on a private
 	// address, apart from the API.
 	ConsoleAddr string `env:"CONSOLE_ADDR"`
+	// ExpertLoadInterval is how often the router adds the expert-use counts
+	// it gathered (per model, layer and expert of layers whose experts are
+	// spread over nodes) to KV expertload, for the planner.
+	ExpertLoadInterval time.Duration `env:"EXPERT_LOAD_INTERVAL, default=10s"`
 }
 
 // Deps are what Run needs from its host process.
@@ -97,6 +101,17 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		Engine: engine, View: view, Auth: keys, Log: log,
 		MaxBody: cfg.MaxBody, DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout,
 		Admission: admission.New(admission.Limits{Concurrent: cfg.CustomerConcurrency, TokensPerMinute: cfg.CustomerTokensPerMinute}, cfg.QueueSize, cfg.QueueWait),
+	}
+	if cfg.ExpertLoadInterval > 0 {
+		lctx, stopLoad := context.WithCancel(ctx)
+		loadDone := make(chan struct{})
+		go func() {
+			defer close(loadDone)
+			if err := engine.PublishExpertLoad(lctx, cfg.ExpertLoadInterval); err != nil {
+				log.Error("expert load not published", "err", err)
+			}
+		}()
+		defer func() { stopLoad(); <-loadDone }()
 	}
 	ms, err := srv.AddNATS(deps.Bus.NC, Version)
 	if err != nil {

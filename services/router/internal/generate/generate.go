@@ -73,6 +73,7 @@ type Engine struct {
 	costs        RouteCosts
 	health       *health
 	metrics      *metrics
+	load         *expertLoad
 }
 
 // New returns an engine over the grid view. stageTimeout bounds one pass
@@ -91,7 +92,7 @@ func New(b *bus.Conn, view *grid.View, log *slog.Logger, stageTimeout, failoverW
 	if costs.DefaultLayerTime <= 0 {
 		costs.DefaultLayerTime = time.Millisecond
 	}
-	return &Engine{bus: b, view: view, log: log, stageTimeout: stageTimeout, failoverWait: failoverWait, costs: costs, health: newHealth(), metrics: newMetrics()}
+	return &Engine{bus: b, view: view, log: log, stageTimeout: stageTimeout, failoverWait: failoverWait, costs: costs, health: newHealth(), metrics: newMetrics(), load: newExpertLoad()}
 }
 
 // NewID returns a random request id.
@@ -279,6 +280,8 @@ type session struct {
 	done       int // tokens the route's caches hold
 	recomputed int
 	failovers  int
+	// experts is the node picked for each (layer, expert) of split layers.
+	experts map[[2]int]string
 }
 
 // step sends the tokens the route has not seen and returns the logits of
@@ -362,26 +365,15 @@ func (s *session) send(ctx context.Context) ([]float32, string, error) {
 		h.Set(wire.HdrPos, strconv.Itoa(s.done))
 		h.Set(wire.HdrRange, fmt.Sprintf("%d:%d", hp.first, hp.end))
 		h.Set(wire.HdrPhase, phase)
+		split := s.splitLayers(hp)
+		if len(split) > 0 {
+			h.Set(wire.HdrSplit, joinInts(split))
+		}
 		msg.Data = frame
 		telemetry.Inject(ctx, msg)
-		sent := time.Now()
-		reply, err := s.call(ctx, hp.node, msg, s.e.stageTimeout+time.Duration(len(in))*10*time.Millisecond)
-		s.e.metrics.hopDone(ctx, s.req.Model, phase, time.Since(sent))
+		reply, failed, err := s.hop(ctx, hp, msg, len(in), phase, split)
 		if err != nil {
-			if ctx.Err() != nil {
-				return nil, "", ctx.Err()
-			}
-			return nil, hp.node, fmt.Errorf("node %s: %w", hp.node, err)
-		}
-		if e := reply.Header.Get(wire.HdrError); e != "" {
-			switch {
-			case strings.HasPrefix(e, wire.ErrCodeKVMiss):
-				// A replica without our cache: re-run the prefix (not a node fault).
-				return nil, "", fmt.Errorf("node %s: %s", hp.node, e)
-			case strings.HasPrefix(e, wire.ErrCodeBadRequest):
-				return nil, "", fmt.Errorf("%w: %s", ErrBadRequest, e)
-			}
-			return nil, hp.node, fmt.Errorf("node %s: %s", hp.node, e)
+			return nil, failed, err
 		}
 		f, err := wire.DecodeFrame(reply.Data)
 		if err != nil {
@@ -407,6 +399,65 @@ func (s *session) send(ctx context.Context) ([]float32, string, error) {
 		frame = reply.Data
 	}
 	return nil, "", fmt.Errorf("empty route")
+}
+
+// hop sends msg to hp's node and returns its final answer: while the node
+// pauses at a split layer, the router computes that layer's experts on
+// their holders and resumes the node with their summed outputs. It returns
+// the node to blame with an error that is a node's fault.
+func (s *session) hop(ctx context.Context, hp hop, msg *nats.Msg, rows int, phase string, split []int) (*nats.Msg, string, error) {
+	for pauses := 0; ; pauses++ {
+		sent := time.Now()
+		reply, err := s.call(ctx, hp.node, msg, s.e.stageTimeout+time.Duration(rows)*10*time.Millisecond)
+		s.e.metrics.hopDone(ctx, s.req.Model, phase, time.Since(sent))
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, "", ctx.Err()
+			}
+			return nil, hp.node, fmt.Errorf("node %s: %w", hp.node, err)
+		}
+		if e := reply.Header.Get(wire.HdrError); e != "" {
+			switch {
+			case strings.HasPrefix(e, wire.ErrCodeKVMiss):
+				// A replica without our cache: re-run the prefix (not a node fault).
+				return nil, "", fmt.Errorf("node %s: %s", hp.node, e)
+			case strings.HasPrefix(e, wire.ErrCodeBadRequest):
+				return nil, "", fmt.Errorf("%w: %s", ErrBadRequest, e)
+			}
+			return nil, hp.node, fmt.Errorf("node %s: %s", hp.node, e)
+		}
+		t := reply.Header.Get(wire.HdrTrunk)
+		if t == "" {
+			return reply, "", nil
+		}
+		layer, err := strconv.Atoi(t)
+		if err != nil || pauses >= len(split) || layer != split[pauses] {
+			return nil, hp.node, fmt.Errorf("node %s: paused at layer %q, want the split layers %v in order", hp.node, t, split)
+		}
+		sum, err := s.runExperts(ctx, msg, layer, rows, reply.Data)
+		if err != nil {
+			if errors.Is(err, wire.ErrFrame) {
+				return nil, hp.node, fmt.Errorf("node %s: %w", hp.node, err)
+			}
+			return nil, "", err
+		}
+		next := nats.NewMsg(msg.Subject)
+		for k, v := range msg.Header {
+			next.Header[k] = v
+		}
+		next.Header.Set(wire.HdrOp, wire.OpResume)
+		next.Data = wire.AppendF32(nil, rows, s.model.Manifest.Config.Dim, sum)
+		msg = next
+	}
+}
+
+// joinInts writes v comma-separated.
+func joinInts(v []int) string {
+	parts := make([]string, len(v))
+	for i, x := range v {
+		parts[i] = strconv.Itoa(x)
+	}
+	return strings.Join(parts, ",")
 }
 
 func holds(r wire.NodeRecord, model string, first, end, layers int) bool {

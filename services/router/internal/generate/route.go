@@ -139,6 +139,10 @@ func (s *session) pickRoute() error {
 		stages = append(stages, sc)
 	}
 	route, _ := chooseRoute(stages, s.e.costs)
+	if err := s.checkExperts(route); err != nil {
+		return err
+	}
+	s.experts = nil
 	for _, hp := range s.route {
 		s.e.health.releaseNode(hp.node)
 	}
