@@ -131,6 +131,8 @@ func Template(role Role, js JetStream) (Permissions, error) {
 			[]string{subjects.PlanEventsAll},
 			[]string{subjects.PlannerPrefix + ".>"},
 			js.kvRead(subjects.BucketNodes, true), js.kvRead(subjects.BucketModels, true), js.kvWrite(subjects.BucketPlans),
+			// Expert-use counts balance the experts of split layers.
+			js.kvRead(subjects.BucketExpertLoad, false),
 		)
 	case RoleRouter:
 		p = service(role, js,

@@ -79,6 +79,21 @@ func DecodeRouted(b []byte, dim, experts int) (Routed, error) {
 	return r, nil
 }
 
+// ExpertGroups is the number of expert groups per layer that m stores as
+// fragments of their own ("layer.<l>.expert.<e>"), which a plan may spread
+// over several nodes; 0 when m's feed-forward layers are stored whole.
+func (m *ModelManifest) ExpertGroups() int {
+	if m.ExpertLayout == nil || m.ExpertLayout.Groups < 2 {
+		return 0
+	}
+	for _, f := range m.Fragments {
+		if f.Expert >= 0 {
+			return m.ExpertLayout.Groups
+		}
+	}
+	return 0
+}
+
 // DecodeFrames parses exactly n frames laid end to end in b.
 func DecodeFrames(b []byte, n int) ([]Frame, error) {
 	out := make([]Frame, 0, n)

@@ -46,6 +46,12 @@ type Config struct {
 	// DefaultLayerTime is assumed per token and layer for a node that has
 	// not reported a speed for the model.
 	DefaultLayerTime time.Duration `env:"DEFAULT_LAYER_TIME, default=1ms"`
+	// ExpertSpread spreads the experts of a model whose feed-forward layers
+	// are stored as expert groups (a mixture of experts, or a dense FFN
+	// split into groups) over up to this many of the nodes that hold the
+	// same layers, balanced by the routers' counts in KV expertload; 0 or 1
+	// keeps every expert of a layer on every node holding it.
+	ExpertSpread int `env:"EXPERT_SPREAD, default=0"`
 }
 
 // Deps are what Run needs from its host process.
@@ -63,6 +69,8 @@ type Planner struct {
 	nodes    jetstream.KeyValue
 	models   jetstream.KeyValue
 	plans    jetstream.KeyValue
+	// load holds the routers' expert-use counts (KV expertload).
+	load jetstream.KeyValue
 	// last is each model's latest placement, the base of incremental re-plans.
 	last map[string]*placement.Placement
 }
@@ -85,6 +93,9 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		return err
 	}
 	if p.plans, err = deps.Bus.JS.KeyValue(ctx, subjects.BucketPlans); err != nil {
+		return err
+	}
+	if p.load, err = deps.Bus.JS.KeyValue(ctx, subjects.BucketExpertLoad); err != nil {
 		return err
 	}
 	return p.run(ctx)
@@ -236,6 +247,9 @@ func (p *Planner) replan(ctx context.Context, m wire.ModelManifest, nodes []wire
 	if err != nil {
 		return err
 	}
+	if groups := m.ExpertGroups(); groups > 1 && p.cfg.ExpertSpread > 1 {
+		placement.SpreadExperts(pl, groups, p.cfg.ExpertSpread, p.expertLoad(ctx, m, groups))
+	}
 	moved := placement.MovedBytes(prob.Model, p.last[m.ID], pl)
 	plan := pl.Wire(time.Now().UTC(), reason)
 	cur, err := p.plans.Get(ctx, m.ID)
@@ -334,4 +348,22 @@ func (p *Planner) Problem(m wire.ModelManifest, nodes []wire.NodeRecord) *placem
 
 func sameAssignment(a, b wire.Assignment) bool {
 	return a.Node == b.Node && a.First == b.First && a.End == b.End && a.Embed == b.Embed && a.Head == b.Head && slices.Equal(a.Experts, b.Experts)
+}
+
+// expertLoad returns the routers' expert-use counts of m (layer × expert),
+// or nil when there are none yet or they do not fit the model's shape.
+func (p *Planner) expertLoad(ctx context.Context, m wire.ModelManifest, groups int) [][]int64 {
+	e, err := p.load.Get(ctx, m.ID)
+	if err != nil {
+		if !errors.Is(err, jetstream.ErrKeyNotFound) {
+			p.log.Warn("expert load not read; spreading experts evenly", "model", m.ID, "err", err)
+		}
+		return nil
+	}
+	var l wire.ExpertLoad
+	if err := wire.Decode(e.Value(), &l); err != nil || l.Validate() != nil || l.Layers != m.Config.Layers || l.Experts != groups {
+		p.log.Warn("expert load does not fit the model; spreading experts evenly", "model", m.ID, "err", err)
+		return nil
+	}
+	return l.Counts
 }

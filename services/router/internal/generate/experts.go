@@ -26,20 +26,6 @@ import (
 // only to the nodes holding the groups that row's gate chose, one message
 // per node and layer, sums what they answer and resumes the hop.
 
-// expertGroups is the number of separately stored expert groups per layer
-// of m, or 0 when its feed-forward layers are stored whole.
-func expertGroups(m wire.ModelManifest) int {
-	if m.ExpertLayout == nil || m.ExpertLayout.Groups < 2 {
-		return 0
-	}
-	for _, f := range m.Fragments {
-		if f.Expert >= 0 {
-			return m.ExpertLayout.Groups
-		}
-	}
-	return 0
-}
-
 // expertFragment is the heartbeat name of expert e of layer l of model.
 func expertFragment(model string, l, e int) string {
 	return model + "/layer." + strconv.Itoa(l) + ".expert." + strconv.Itoa(e)
@@ -48,7 +34,7 @@ func expertFragment(model string, l, e int) string {
 // splitLayers lists the layers of hp whose expert groups its node does not
 // all hold: their feed-forward networks run on the groups' holders.
 func (s *session) splitLayers(hp hop) []int {
-	groups := expertGroups(s.model.Manifest)
+	groups := s.model.Manifest.ExpertGroups()
 	if groups == 0 {
 		return nil
 	}
@@ -116,7 +102,7 @@ func (s *session) expertHolder(l, e int, skip map[string]bool) (string, bool) {
 // checkExperts reports an unavailable error when a split layer of the
 // route has an expert group that no live node holds.
 func (s *session) checkExperts(route []hop) error {
-	groups := expertGroups(s.model.Manifest)
+	groups := s.model.Manifest.ExpertGroups()
 	for _, hp := range route {
 		for _, l := range s.splitLayers(hp) {
 			for e := 0; e < groups; e++ {
@@ -143,7 +129,7 @@ type choice struct {
 // returns the rows' summed expert outputs (rows×dim).
 func (s *session) runExperts(ctx context.Context, base *nats.Msg, layer, rows int, data []byte) ([]float32, error) {
 	cfg := s.model.Manifest.Config
-	groups := expertGroups(s.model.Manifest)
+	groups := s.model.Manifest.ExpertGroups()
 	r, err := wire.DecodeRouted(data, cfg.Dim, groups)
 	if err != nil {
 		return nil, err
