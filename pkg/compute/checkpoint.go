@@ -7,21 +7,35 @@ import (
 	"github.com/tessera-grid/tessera/pkg/wire"
 )
 
-// LayerFromCheckpoint wraps layer i of ck (sharing its memory).
+// LayerFromCheckpoint wraps layer i of ck (sharing its memory); a
+// mixture-of-experts layer gets its gate and every expert.
 func LayerFromCheckpoint(ck *model.Checkpoint, i int) *Layer {
 	c := ck.Config
 	d, kv, f := c.Dim, KVDim(c), c.HiddenDim
-	return &Layer{
+	l := &Layer{
 		AttnNorm: ck.AttnNorm[i],
 		Wq:       NewMatrixF32(d, d, ck.Wq[i]),
 		Wk:       NewMatrixF32(kv, d, ck.Wk[i]),
 		Wv:       NewMatrixF32(kv, d, ck.Wv[i]),
 		Wo:       NewMatrixF32(d, d, ck.Wo[i]),
 		FFNNorm:  ck.FFNNorm[i],
-		W1:       NewMatrixF32(f, d, ck.W1[i]),
-		W2:       NewMatrixF32(d, f, ck.W2[i]),
-		W3:       NewMatrixF32(f, d, ck.W3[i]),
 	}
+	if c.Experts == 0 {
+		l.W1 = NewMatrixF32(f, d, ck.W1[i])
+		l.W2 = NewMatrixF32(d, f, ck.W2[i])
+		l.W3 = NewMatrixF32(f, d, ck.W3[i])
+		return l
+	}
+	l.Gate = NewMatrixF32(c.Experts, d, ck.Gate[i])
+	n := f * d
+	for e := 0; e < c.Experts; e++ {
+		l.Experts = append(l.Experts, &Expert{
+			W1: NewMatrixF32(f, d, ck.W1[i][e*n:(e+1)*n]),
+			W2: NewMatrixF32(d, f, ck.W2[i][e*n:(e+1)*n]),
+			W3: NewMatrixF32(f, d, ck.W3[i][e*n:(e+1)*n]),
+		})
+	}
+	return l
 }
 
 // StageFromCheckpoint builds the stage [first, end) of ck, with the

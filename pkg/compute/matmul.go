@@ -45,11 +45,36 @@ type matmulTask struct {
 
 var _ task = (*matmulTask)(nil)
 
+// Workspace is a worker pool with the scratch memory that matrix products
+// and feed-forward experts need, reused between calls so that the hot loop
+// allocates nothing. A Workspace is not safe for concurrent use; a node
+// running experts for several callers at once keeps one per goroutine.
+type Workspace struct {
+	pool *Pool
+	// xq and xd hold inputs quantized for q8_0 products; tiles are each
+	// worker's expanded weight tiles.
+	xq    []int8
+	xa    []int8
+	xd    []float32
+	tiles [][]float32
+	mm    matmulTask
+	// h1 and h3 are an expert's hidden activations.
+	h1, h3 []float32
+}
+
+// NewWorkspace returns a workspace computing on pool (nil: a new pool of
+// GOMAXPROCS workers).
+func NewWorkspace(pool *Pool) *Workspace {
+	if pool == nil {
+		pool = NewPool(0)
+	}
+	return &Workspace{pool: pool}
+}
+
 // matmul runs the products in t (set up by the caller) over the pool.
-// scratch provides the quantized input and per-worker tiles.
-func (s *Stage) matmul(t *matmulTask) {
+// The workspace provides the quantized input and per-worker tiles.
+func (sc *Workspace) matmul(t *matmulTask) {
 	in := t.parts[0].w.Cols
-	sc := &s.s
 	quant, q8, total := false, false, 0
 	for _, p := range t.parts[:t.np] {
 		quant = quant || p.w.DType != F32
@@ -59,7 +84,7 @@ func (s *Stage) matmul(t *matmulTask) {
 	if t.swiglu {
 		total = t.parts[0].w.Rows
 	}
-	workers := s.pool.Workers()
+	workers := sc.pool.Workers()
 	if t.rows < gemmMinRows {
 		if q8 {
 			nb := t.rows * in / model.Q8Block
@@ -70,7 +95,7 @@ func (s *Stage) matmul(t *matmulTask) {
 			t.xq, t.xa, t.xd = sc.xq, sc.xa, sc.xd
 		}
 		grain := max(16, total/(workers*8))
-		s.pool.run(t, total, grain)
+		sc.pool.run(t, total, grain)
 		return
 	}
 	if quant {
@@ -82,7 +107,7 @@ func (s *Stage) matmul(t *matmulTask) {
 		}
 		t.tiles = sc.tiles
 	}
-	s.pool.run(t, total, gemmTile)
+	sc.pool.run(t, total, gemmTile)
 }
 
 func growI8(b []int8, n int) []int8 {

@@ -26,7 +26,7 @@ func BenchmarkMatVec(b *testing.B) {
 	} {
 		for _, threads := range []int{1, 2} {
 			b.Run(tc.name+"/"+string(rune('0'+threads)), func(b *testing.B) {
-				s := &Stage{pool: NewPool(threads)}
+				s := NewWorkspace(NewPool(threads))
 				out := make([]float32, rows)
 				b.SetBytes(tc.m.Bytes())
 				for i := 0; i < b.N; i++ {

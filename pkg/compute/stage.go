@@ -8,7 +8,12 @@ import (
 	"github.com/tessera-grid/tessera/pkg/wire"
 )
 
-// Layer holds one transformer layer's weights.
+// Layer holds one transformer layer's weights. A dense layer has W1, W2
+// and W3. A mixture-of-experts layer (Config.Experts > 0) has Gate and
+// Experts instead. A dense layer split for selective activation
+// (Config.FFNGroups > 1) has Scorer and Experts (the neuron groups), and
+// W1..W3 too when the stage holds the whole feed-forward network. Entries
+// of Experts are nil for experts that run on other nodes.
 type Layer struct {
 	AttnNorm []float32
 	Wq       *Matrix // dim × dim
@@ -19,6 +24,13 @@ type Layer struct {
 	W1       *Matrix // hidden × dim (gate)
 	W2       *Matrix // dim × hidden (down)
 	W3       *Matrix // hidden × dim (up)
+	// Gate is the router of a mixture-of-experts layer (experts × dim).
+	Gate *Matrix
+	// Scorer predicts which neuron groups of a split dense layer matter
+	// for a row (groups × dim); a row's score for group g is Scorer_g·x.
+	Scorer *Matrix
+	// Experts are the layer's experts or neuron groups, by index.
+	Experts []*Expert
 }
 
 // Embedding is the token embedding table (vocab × dim); quantized tables
@@ -45,10 +57,11 @@ type Stage struct {
 	Head   *Head
 
 	pool *Pool
+	ws   *Workspace
 	rope *ropeTable
 	s    scratch
-	mm   matmulTask
 	att  attentionTask
+	pass Pass
 }
 
 // Errors returned by Forward.
@@ -81,27 +94,67 @@ func NewStage(cfg wire.ModelConfig, first, end int, embed *Embedding, layers []*
 	if pool == nil {
 		pool = NewPool(0)
 	}
-	return &Stage{Config: cfg, First: first, End: end, Embed: embed, Layers: layers, Head: head, pool: pool, rope: newRopeTable(cfg)}, nil
+	return &Stage{Config: cfg, First: first, End: end, Embed: embed, Layers: layers, Head: head, pool: pool, ws: NewWorkspace(pool), rope: newRopeTable(cfg)}, nil
 }
 
 // checkLayers verifies every layer's weights have the model's shapes.
 func checkLayers(cfg wire.ModelConfig, layers []*Layer) error {
 	d, kv, h := cfg.Dim, KVDim(cfg), cfg.HiddenDim
+	moe, groups := cfg.Experts > 0, cfg.FFNGroups > 1
+	if moe && (cfg.TopK < 1 || cfg.TopK > cfg.Experts) {
+		return fmt.Errorf("top_k %d outside 1..%d experts", cfg.TopK, cfg.Experts)
+	}
+	type want struct {
+		name       string
+		w          *Matrix
+		rows, cols int
+		optional   bool
+	}
 	for i, l := range layers {
 		if l == nil {
 			return fmt.Errorf("layer %d missing", i)
 		}
-		for _, m := range []struct {
-			name       string
-			w          *Matrix
-			rows, cols int
-		}{{"wq", l.Wq, d, d}, {"wk", l.Wk, kv, d}, {"wv", l.Wv, kv, d}, {"wo", l.Wo, d, d}, {"w1", l.W1, h, d}, {"w2", l.W2, d, h}, {"w3", l.W3, h, d}} {
+		ms := []want{{"wq", l.Wq, d, d, false}, {"wk", l.Wk, kv, d, false}, {"wv", l.Wv, kv, d, false}, {"wo", l.Wo, d, d, false}}
+		if !moe {
+			ms = append(ms, want{"w1", l.W1, h, d, groups}, want{"w2", l.W2, d, h, groups}, want{"w3", l.W3, h, d, groups})
+		}
+		if moe {
+			ms = append(ms, want{"gate", l.Gate, cfg.Experts, d, false})
+		}
+		if groups && !moe {
+			ms = append(ms, want{"scorer", l.Scorer, cfg.FFNGroups, d, false})
+		}
+		for _, m := range ms {
+			if m.w == nil && m.optional {
+				continue
+			}
 			if m.w == nil || m.w.Rows != m.rows || m.w.Cols != m.cols {
 				return fmt.Errorf("layer %d: %s is not %d×%d", i, m.name, m.rows, m.cols)
 			}
 		}
 		if len(l.AttnNorm) != d || len(l.FFNNorm) != d {
 			return fmt.Errorf("layer %d: norms are not %d wide", i, d)
+		}
+		n := 0
+		switch {
+		case moe:
+			n = cfg.Experts
+		case groups:
+			n = cfg.FFNGroups
+		}
+		if len(l.Experts) != n {
+			return fmt.Errorf("layer %d: %d experts, the model has %d", i, len(l.Experts), n)
+		}
+		for e, x := range l.Experts {
+			if x == nil {
+				continue
+			}
+			if err := x.check(d); err != nil {
+				return fmt.Errorf("layer %d expert %d: %w", i, e, err)
+			}
+			if moe && x.W1.Rows != h {
+				return fmt.Errorf("layer %d expert %d: %d hidden neurons, the model has %d", i, e, x.W1.Rows, h)
+			}
 		}
 	}
 	return nil
@@ -132,13 +185,15 @@ type scratch struct {
 	x, xb, xb2, q, k, v, att, h1, h3, logitsIn []float32
 	rowPos                                     []int
 	rowItem                                    []int
-	// xq and xd hold inputs quantized for q8_0 products; tiles are each
-	// worker's expanded weight tiles.
-	xq    []int8
-	xa    []int8
-	xd    []float32
-	tiles [][]float32
-	cache []*Cache
+	cache                                      []*Cache
+	// choices and scores are the current layer's expert selection;
+	// routeRows, routeW, ex and eout one expert's rows, weights, inputs
+	// and outputs.
+	choices   []Choice
+	scores    []float32
+	routeRows []int32
+	routeW    []float32
+	ex, eout  []float32
 	// blocks are the first rows of attention blocks, then the row count.
 	blocks []int
 }
@@ -151,40 +206,60 @@ func grow(b []float32, n int) []float32 {
 }
 
 // Forward runs the batch through the stage. Every item's rows are processed
-// together in each matrix product, so a batch reads the weights once.
+// together in each matrix product, so a batch reads the weights once. It is
+// Begin, then Trunk and FFN for every layer, then Finish: the split
+// execution (see Pass) computes the same thing with the feed-forward
+// experts elsewhere.
 func (s *Stage) Forward(items []*Item) error {
+	p, err := s.Begin(items)
+	if err != nil {
+		return err
+	}
+	for l := s.First; l < s.End; l++ {
+		if err := p.Trunk(l); err != nil {
+			return err
+		}
+		if err := p.FFN(); err != nil {
+			return err
+		}
+	}
+	return p.Finish()
+}
+
+// begin validates items and gathers their inputs into s.s.x.
+func (s *Stage) begin(items []*Item) (int, error) {
 	cfg := s.Config
 	dim, kvDim := cfg.Dim, KVDim(cfg)
 	rows := 0
 	for i, it := range items {
 		if it.N <= 0 {
-			return fmt.Errorf("%w: item %d has %d rows", ErrInput, i, it.N)
+			return 0, fmt.Errorf("%w: item %d has %d rows", ErrInput, i, it.N)
 		}
 		if it.Pos < 0 || it.Pos+it.N > cfg.SeqLen {
-			return fmt.Errorf("%w: item %d positions [%d,%d) exceed the context of %d", ErrInput, i, it.Pos, it.Pos+it.N, cfg.SeqLen)
+			return 0, fmt.Errorf("%w: item %d positions [%d,%d) exceed the context of %d", ErrInput, i, it.Pos, it.Pos+it.N, cfg.SeqLen)
 		}
 		if len(s.Layers) > 0 {
 			if it.Cache == nil {
-				return fmt.Errorf("%w: item %d has no cache", ErrInput, i)
+				return 0, fmt.Errorf("%w: item %d has no cache", ErrInput, i)
 			}
 			if len(it.Cache.k) != len(s.Layers) {
-				return fmt.Errorf("%w: item %d has a cache for %d layers, the stage has %d", ErrInput, i, len(it.Cache.k), len(s.Layers))
+				return 0, fmt.Errorf("%w: item %d has a cache for %d layers, the stage has %d", ErrInput, i, len(it.Cache.k), len(s.Layers))
 			}
 			if it.Cache.Len() < it.Pos {
-				return fmt.Errorf("%w: item %d starts at %d but the cache holds %d positions", ErrCacheMiss, i, it.Pos, it.Cache.Len())
+				return 0, fmt.Errorf("%w: item %d starts at %d but the cache holds %d positions", ErrCacheMiss, i, it.Pos, it.Cache.Len())
 			}
 		}
 		if s.Embed != nil {
 			if len(it.Tokens) != it.N {
-				return fmt.Errorf("%w: item %d has %d tokens for %d rows", ErrInput, i, len(it.Tokens), it.N)
+				return 0, fmt.Errorf("%w: item %d has %d tokens for %d rows", ErrInput, i, len(it.Tokens), it.N)
 			}
 			for _, t := range it.Tokens {
 				if t < 0 || int(t) >= cfg.Vocab {
-					return fmt.Errorf("%w: item %d token %d outside the vocabulary of %d", ErrInput, i, t, cfg.Vocab)
+					return 0, fmt.Errorf("%w: item %d token %d outside the vocabulary of %d", ErrInput, i, t, cfg.Vocab)
 				}
 			}
 		} else if len(it.Hidden) != it.N*dim {
-			return fmt.Errorf("%w: item %d has %d hidden values, want %d×%d", ErrInput, i, len(it.Hidden), it.N, dim)
+			return 0, fmt.Errorf("%w: item %d has %d hidden values, want %d×%d", ErrInput, i, len(it.Hidden), it.N, dim)
 		}
 		rows += it.N
 	}
@@ -221,16 +296,20 @@ func (s *Stage) Forward(items []*Item) error {
 		}
 		r += it.N
 	}
-	for li, l := range s.Layers {
-		s.layer(li, l, items, rows)
-	}
+	return rows, nil
+}
+
+// finish records the items' cache lengths and writes their outputs.
+func (s *Stage) finish(items []*Item, rows int) error {
+	dim := s.Config.Dim
+	sc := &s.s
 	for _, it := range items {
 		if it.Cache != nil {
 			it.Cache.n = it.Pos + it.N
 		}
 	}
 	if s.Head == nil {
-		r = 0
+		r := 0
 		for _, it := range items {
 			it.Hidden = append(it.Hidden[:0], sc.x[r*dim:(r+it.N)*dim]...)
 			r += it.N
@@ -240,46 +319,43 @@ func (s *Stage) Forward(items []*Item) error {
 	return s.head(items, rows)
 }
 
-// layer runs one transformer layer over the batch held in s.s.x.
-func (s *Stage) layer(li int, l *Layer, items []*Item, rows int) {
+// attend runs layer li's attention over the batch held in s.s.x and adds
+// it to the residual.
+func (s *Stage) attend(li int, l *Layer, items []*Item, rows int) {
 	cfg := s.Config
 	dim, kvDim := cfg.Dim, KVDim(cfg)
 	sc := &s.s
 	for r := 0; r < rows; r++ {
 		rmsnorm(sc.xb[r*dim:(r+1)*dim], sc.x[r*dim:(r+1)*dim], l.AttnNorm)
 	}
-	s.mm = matmulTask{x: sc.xb, rows: rows, np: 3, parts: [3]mmPart{{sc.q, l.Wq}, {sc.k, l.Wk}, {sc.v, l.Wv}}}
-	s.matmul(&s.mm)
+	s.ws.mm = matmulTask{x: sc.xb, rows: rows, np: 3, parts: [3]mmPart{{sc.q, l.Wq}, {sc.k, l.Wk}, {sc.v, l.Wv}}}
+	s.ws.matmul(&s.ws.mm)
 	for r := 0; r < rows; r++ {
 		s.rope.apply(sc.q[r*dim:(r+1)*dim], sc.rowPos[r])
 		s.rope.apply(sc.k[r*kvDim:(r+1)*kvDim], sc.rowPos[r])
 		items[sc.rowItem[r]].Cache.put(li, sc.rowPos[r], sc.k[r*kvDim:(r+1)*kvDim], sc.v[r*kvDim:(r+1)*kvDim])
 	}
 	s.attention(li, items, rows)
-	s.mm = matmulTask{x: sc.xb2, rows: rows, np: 1, parts: [3]mmPart{{sc.xb, l.Wo}}}
-	s.matmul(&s.mm)
+	s.ws.mm = matmulTask{x: sc.xb2, rows: rows, np: 1, parts: [3]mmPart{{sc.xb, l.Wo}}}
+	s.ws.matmul(&s.ws.mm)
 	for i := range sc.x[:rows*dim] {
 		sc.x[i] += sc.xb[i]
 	}
-	s.ffn(l, rows)
 }
 
-// ffn runs the feed-forward block (SwiGLU) and adds it to the residual.
-// It is kept apart from attention: mixture-of-experts layers replace it.
-func (s *Stage) ffn(l *Layer, rows int) {
-	dim, hid := s.Config.Dim, s.Config.HiddenDim
+// denseFFN runs the whole feed-forward block (SwiGLU) on the normalized
+// rows in s.s.xb and adds it to the residual.
+func (s *Stage) denseFFN(l *Layer, rows int) {
+	dim, hid := s.Config.Dim, l.W1.Rows
 	sc := &s.s
 	sc.h1 = grow(sc.h1, rows*hid)
 	sc.h3 = grow(sc.h3, rows*hid)
-	for r := 0; r < rows; r++ {
-		rmsnorm(sc.xb[r*dim:(r+1)*dim], sc.x[r*dim:(r+1)*dim], l.FFNNorm)
-	}
-	s.mm = matmulTask{x: sc.xb, rows: rows, np: 2, swiglu: true, parts: [3]mmPart{{sc.h1, l.W1}, {sc.h3, l.W3}}}
-	s.matmul(&s.mm)
-	s.mm = matmulTask{x: sc.h1, rows: rows, np: 1, parts: [3]mmPart{{sc.xb, l.W2}}}
-	s.matmul(&s.mm)
+	s.ws.mm = matmulTask{x: sc.xb, rows: rows, np: 2, swiglu: true, parts: [3]mmPart{{sc.h1, l.W1}, {sc.h3, l.W3}}}
+	s.ws.matmul(&s.ws.mm)
+	s.ws.mm = matmulTask{x: sc.h1, rows: rows, np: 1, parts: [3]mmPart{{sc.xb2, l.W2}}}
+	s.ws.matmul(&s.ws.mm)
 	for i := range sc.x[:rows*dim] {
-		sc.x[i] += sc.xb[i]
+		sc.x[i] += sc.xb2[i]
 	}
 }
 
@@ -412,8 +488,8 @@ func (s *Stage) head(items []*Item, rows int) error {
 		}
 		r += it.N
 	}
-	s.mm = matmulTask{x: sc.logitsIn, rows: n, np: 1, parts: [3]mmPart{{sc.xb2, s.Head.Classifier}}}
-	s.matmul(&s.mm)
+	s.ws.mm = matmulTask{x: sc.logitsIn, rows: n, np: 1, parts: [3]mmPart{{sc.xb2, s.Head.Classifier}}}
+	s.ws.matmul(&s.ws.mm)
 	k = 0
 	for _, it := range items {
 		m := 1

@@ -23,10 +23,15 @@ type Checkpoint struct {
 	Wv             [][]float32 // kvDim × dim
 	Wo             [][]float32 // dim × dim
 	FFNNorm        [][]float32 // dim
-	W1             [][]float32 // hidden × dim (gate)
-	W2             [][]float32 // dim × hidden (down)
-	W3             [][]float32 // hidden × dim (up)
-	FinalNorm      []float32   // dim
+	// W1, W2 and W3 are the feed-forward weights; in a mixture-of-experts
+	// model (Config.Experts > 0) each layer's entry holds its experts one
+	// after another, each of the dense shape with HiddenDim neurons.
+	W1 [][]float32 // [experts ×] hidden × dim (gate)
+	W2 [][]float32 // [experts ×] dim × hidden (down)
+	W3 [][]float32 // [experts ×] hidden × dim (up)
+	// Gate is each layer's expert router (experts × dim); nil when dense.
+	Gate      [][]float32
+	FinalNorm []float32 // dim
 	// Classifier is vocab × dim; it aliases TokenEmbedding when shared.
 	Classifier []float32
 }
@@ -43,6 +48,9 @@ const llama2cHeaderSize = 7 * 4
 // maxDim bounds header fields so that a malformed file cannot ask for an
 // absurd allocation before the size check.
 const maxDim = 1 << 20
+
+// maxExperts bounds a mixture of experts' expert count.
+const maxExperts = 1024
 
 // ValidateConfig checks that c describes a runnable transformer.
 func ValidateConfig(c wire.ModelConfig) error {
@@ -214,7 +222,11 @@ func (ck *Checkpoint) Encode() []byte {
 func ParamCount(c wire.ModelConfig) int64 {
 	kv := int64(KVDim(c))
 	d, f, L := int64(c.Dim), int64(c.HiddenDim), int64(c.Layers)
-	n := int64(c.Vocab)*d + L*(2*d+2*d*d+2*kv*d+3*f*d) + d
+	e := int64(max(c.Experts, 1))
+	n := int64(c.Vocab)*d + L*(2*d+2*d*d+2*kv*d+3*e*f*d) + d
+	if c.Experts > 0 {
+		n += L * e * d // gates
+	}
 	if !c.SharedClassifier {
 		n += int64(c.Vocab) * d
 	}

@@ -386,5 +386,8 @@ func KVBytesPerTokenPerLayer(c wire.ModelConfig) int64 { return 2 * 4 * int64(KV
 func FLOPsPerToken(c wire.ModelConfig) int64 {
 	d, kv, f, L := int64(c.Dim), int64(KVDim(c)), int64(c.HiddenDim), int64(c.Layers)
 	perLayer := 2 * (2*d*d + 2*kv*d + 3*f*d)
+	if c.Experts > 0 {
+		perLayer = 2 * (2*d*d + 2*kv*d + int64(c.Experts)*d + 3*int64(c.TopK)*f*d)
+	}
 	return L*perLayer + 2*int64(c.Vocab)*d
 }

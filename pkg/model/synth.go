@@ -22,8 +22,8 @@ func Synthesize(c wire.ModelConfig, seed uint64) (*Checkpoint, error) {
 	if err := ValidateConfig(c); err != nil {
 		return nil, fmt.Errorf("synthetic model: %w", err)
 	}
-	if c.Experts > 0 {
-		return nil, fmt.Errorf("synthetic model: mixture-of-experts layers are not supported")
+	if c.Experts < 0 || c.Experts > maxExperts || (c.Experts > 0 && (c.TopK < 1 || c.TopK > c.Experts)) {
+		return nil, fmt.Errorf("synthetic model: %d experts with top_k %d (want 1 <= top_k <= experts <= %d)", c.Experts, c.TopK, maxExperts)
 	}
 	g := newNormalSource(seed)
 	L, d, kv, f := c.Layers, c.Dim, KVDim(c), c.HiddenDim
@@ -51,9 +51,15 @@ func Synthesize(c wire.ModelConfig, seed uint64) (*Checkpoint, error) {
 	ck.Wv = layers(kv*d, synthStd)
 	ck.Wo = layers(d*d, resid)
 	ck.FFNNorm = ones(d)
-	ck.W1 = layers(f*d, synthStd)
-	ck.W2 = layers(d*f, resid)
-	ck.W3 = layers(f*d, synthStd)
+	e := max(c.Experts, 1)
+	if c.Experts > 0 {
+		// Gate logits of a few units, so that experts are chosen by the
+		// input rather than near-uniformly.
+		ck.Gate = layers(c.Experts*d, 1/float32(math.Sqrt(float64(d))))
+	}
+	ck.W1 = layers(e*f*d, synthStd)
+	ck.W2 = layers(e*d*f, resid)
+	ck.W3 = layers(e*f*d, synthStd)
 	ck.FinalNorm = constant(d, 1)
 	if c.SharedClassifier {
 		ck.Classifier = ck.TokenEmbedding
