@@ -299,3 +299,73 @@ func TestPassOrder(t *testing.T) {
 		t.Fatalf("FFN without the experts: %v, want ErrExpertMissing", err)
 	}
 }
+
+// A mixture of experts cut into fragments (one per layer trunk, one per
+// expert) computes what its checkpoint does, and the manifest describes
+// the experts.
+func TestMoEFragmentsMatchCheckpoint(t *testing.T) {
+	ck, err := model.Synthesize(moeConfig, 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blobs, man, err := model.Fragments("moe", ck, []byte("tok"), model.FragmentOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if el := man.ExpertLayout; el == nil || el.Groups != moeConfig.Experts || el.TopK != moeConfig.TopK || !el.Native {
+		t.Fatalf("expert layout %+v", man.ExpertLayout)
+	}
+	layers := make([]*Layer, moeConfig.Layers)
+	var emb *Embedding
+	var head *Head
+	experts := 0
+	for _, b := range blobs {
+		f, err := model.DecodeFragment(b.Ref.ID, b.Data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch b.Ref.Kind {
+		case model.KindEmbed:
+			emb, err = EmbeddingFromFragment(moeConfig, f)
+		case model.KindHead:
+			head, err = HeadFromFragment(moeConfig, f)
+		case model.KindLayer:
+			layers[b.Ref.Layer], err = LayerFromFragment(moeConfig, f)
+		case model.KindExpert:
+			var ex *Expert
+			if ex, err = ExpertFromFragment(moeConfig, f); err == nil {
+				if b.Ref.ID != model.ExpertFragment(b.Ref.Layer, b.Ref.Expert) || f.Manifest.Expert != b.Ref.Expert {
+					t.Fatalf("expert fragment %s: ref %+v, manifest expert %d", b.Ref.ID, b.Ref, f.Manifest.Expert)
+				}
+				layers[b.Ref.Layer].Experts[b.Ref.Expert] = ex
+				experts++
+			}
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if experts != moeConfig.Layers*moeConfig.Experts {
+		t.Fatalf("%d expert fragments, want %d", experts, moeConfig.Layers*moeConfig.Experts)
+	}
+	pool := NewPool(1)
+	fromFrags, err := NewStage(moeConfig, 0, moeConfig.Layers, emb, layers, head, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fromCk, err := StageFromCheckpoint(ck, 0, moeConfig.Layers, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &Item{Cache: NewCache(moeConfig, moeConfig.Layers), N: 4, Tokens: tokens32(1, 2, 3, 4), AllLogits: true}
+	b := &Item{Cache: NewCache(moeConfig, moeConfig.Layers), N: 4, Tokens: tokens32(1, 2, 3, 4), AllLogits: true}
+	if err := fromFrags.Forward([]*Item{a}); err != nil {
+		t.Fatal(err)
+	}
+	if err := fromCk.Forward([]*Item{b}); err != nil {
+		t.Fatal(err)
+	}
+	if d := maxDiff(a.Logits, b.Logits); d != 0 {
+		t.Fatalf("fragments' logits differ from the checkpoint's by %g", d)
+	}
+}
