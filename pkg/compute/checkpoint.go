@@ -120,6 +120,9 @@ func LayerFromFragment(c wire.ModelConfig, f *model.Fragment) (*Layer, error) {
 				l.Scorer = NewMatrixF32(c.FFNGroups, d, sc)
 			}
 		}
+		if err == nil {
+			l.ScorerBias, err = f.F32("scorer_bias", c.FFNGroups)
+		}
 		l.Experts = make([]*Expert, c.FFNGroups)
 	default:
 		l.W1 = mat("w1", h, d)

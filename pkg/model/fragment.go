@@ -332,6 +332,8 @@ type FFNGrouping struct {
 	// Scorer is, per layer, the groups × dim predictor: a token's score
 	// for group g is Scorer_g · x with x the FFN-normalized hidden state.
 	Scorer [][]float32
+	// Bias is, per layer, the scorer's per-group constant (groups values).
+	Bias [][]float32
 }
 
 // Groups is the number of groups per layer.
@@ -345,12 +347,12 @@ func (g *FFNGrouping) Groups() int {
 // check verifies the grouping fits config c.
 func (g *FFNGrouping) check(c wire.ModelConfig) error {
 	n := g.Groups()
-	if n < 2 || len(g.Neurons) != c.Layers || len(g.Scorer) != c.Layers || g.TopK < 1 || g.TopK > n {
+	if n < 2 || len(g.Neurons) != c.Layers || len(g.Scorer) != c.Layers || len(g.Bias) != c.Layers || g.TopK < 1 || g.TopK > n {
 		return fmt.Errorf("grouping: %d layers of %d groups with top_k %d does not fit %d layers", len(g.Neurons), n, g.TopK, c.Layers)
 	}
 	for l := range g.Neurons {
 		seen := make([]bool, c.HiddenDim)
-		if len(g.Neurons[l]) != n || len(g.Scorer[l]) != n*c.Dim {
+		if len(g.Neurons[l]) != n || len(g.Scorer[l]) != n*c.Dim || len(g.Bias[l]) != n {
 			return fmt.Errorf("grouping: layer %d has %d groups and %d scorer values, want %d and %d", l, len(g.Neurons[l]), len(g.Scorer[l]), n, n*c.Dim)
 		}
 		for gi, ns := range g.Neurons[l] {
@@ -444,6 +446,7 @@ func Fragments(id string, ck *Checkpoint, tokenizer []byte, opts FragmentOptions
 		case grp != nil:
 			ts = append(ts, vec("scorer", grp.Scorer[i]))
 			ts[len(ts)-1].Shape = []int{grp.Groups(), d}
+			ts = append(ts, vec("scorer_bias", grp.Bias[i]))
 			for _, ns := range grp.Neurons[i] {
 				groups = append(groups, neuronGroup(ck, i, ns, mat))
 			}
