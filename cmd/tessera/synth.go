@@ -14,7 +14,8 @@ import (
 
 // modelSynth writes a dense model with seeded random weights in llama2.c's
 // format, with a matching tokenizer, so that llama2.c's run.c, llama.cpp's
-// converter and Tessera all run the very same file.
+// converter and Tessera all run the very same file. With --experts it
+// writes a mixture of experts in Tessera's own format (pkg/model/moe.go).
 func modelSynth(_ context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("model synth", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -26,6 +27,8 @@ func modelSynth(_ context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&c.HiddenDim, "hidden", 2048, "feed-forward width")
 	fs.IntVar(&c.Vocab, "vocab", 32000, "vocabulary size (at least 259)")
 	fs.IntVar(&c.SeqLen, "seq-len", 1024, "context length")
+	fs.IntVar(&c.Experts, "experts", 0, "feed-forward experts per layer (0: dense)")
+	fs.IntVar(&c.TopK, "top-k", 2, "experts each token uses (with --experts)")
 	shared := fs.Bool("shared-classifier", true, "the classifier reuses the token embedding")
 	seed := fs.Uint64("seed", 1, "random seed")
 	out := fs.String("out", ".", "output directory")
@@ -40,8 +43,14 @@ func modelSynth(_ context.Context, args []string, stdout, stderr io.Writer) erro
 		c.KVHeads = c.Heads
 	}
 	c.SharedClassifier = *shared
+	if c.Experts == 0 {
+		c.TopK = 0
+	}
 	if *name == "" {
 		*name = fmt.Sprintf("synth-%dx%d", c.Dim, c.Layers)
+		if c.Experts > 0 {
+			*name += fmt.Sprintf("-moe%dx%d", c.Experts, c.TopK)
+		}
 	}
 	ck, err := model.Synthesize(c, *seed)
 	if err != nil {

@@ -79,7 +79,10 @@ func matrixFromFragment(f *model.Fragment, name string, rows, cols int) (*Matrix
 }
 
 // LayerFromFragment builds layer weights from a decoded layer fragment;
-// the matrices alias the fragment's memory, in the dtype it stores.
+// the matrices alias the fragment's memory, in the dtype it stores. The
+// layer of a mixture of experts (or of a grouped dense model) gets its gate
+// (or scorer) and an Experts slice of nil entries: the experts come from
+// their own fragments (ExpertFromFragment).
 func LayerFromFragment(c wire.ModelConfig, f *model.Fragment) (*Layer, error) {
 	d, kv, h := c.Dim, KVDim(c), c.HiddenDim
 	l := &Layer{}
@@ -106,13 +109,54 @@ func LayerFromFragment(c wire.ModelConfig, f *model.Fragment) (*Layer, error) {
 	l.Wv = mat("wv", kv, d)
 	l.Wo = mat("wo", d, d)
 	l.FFNNorm = vec("ffn_norm", d)
-	l.W1 = mat("w1", h, d)
-	l.W2 = mat("w2", d, h)
-	l.W3 = mat("w3", h, d)
+	switch {
+	case c.Experts > 0:
+		l.Gate = mat("gate", c.Experts, d)
+		l.Experts = make([]*Expert, c.Experts)
+	case c.FFNGroups > 1:
+		if err == nil {
+			var sc []float32
+			if sc, err = f.F32("scorer", c.FFNGroups, d); err == nil {
+				l.Scorer = NewMatrixF32(c.FFNGroups, d, sc)
+			}
+		}
+		if err == nil {
+			l.ScorerBias, err = f.F32("scorer_bias", c.FFNGroups)
+		}
+		l.Experts = make([]*Expert, c.FFNGroups)
+	default:
+		l.W1 = mat("w1", h, d)
+		l.W2 = mat("w2", d, h)
+		l.W3 = mat("w3", h, d)
+	}
 	if err != nil {
 		return nil, err
 	}
 	return l, nil
+}
+
+// ExpertFromFragment builds an expert (or neuron group) from its fragment
+// ("layer.<i>.expert.<e>"), aliasing the fragment's memory.
+func ExpertFromFragment(c wire.ModelConfig, f *model.Fragment) (*Expert, error) {
+	t, _, err := f.Tensor("w1")
+	if err != nil {
+		return nil, err
+	}
+	if len(t.Shape) != 2 || t.Shape[0] <= 0 {
+		return nil, fmt.Errorf("fragment %s tensor w1 has shape %v, want [hidden %d]", f.Manifest.Fragment, t.Shape, c.Dim)
+	}
+	h := t.Shape[0]
+	e := &Expert{}
+	if e.W1, err = matrixFromFragment(f, "w1", h, c.Dim); err != nil {
+		return nil, err
+	}
+	if e.W2, err = matrixFromFragment(f, "w2", c.Dim, h); err != nil {
+		return nil, err
+	}
+	if e.W3, err = matrixFromFragment(f, "w3", h, c.Dim); err != nil {
+		return nil, err
+	}
+	return e, nil
 }
 
 // EmbeddingFromFragment builds the embedding from its fragment.

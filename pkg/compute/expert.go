@@ -16,7 +16,8 @@ import (
 //     (Pass.Normed); and the selection of each row's K experts
 //     (Pass.Choices): for a mixture of experts, the top-k gate logits with
 //     weights softmax over those k logits (Mixtral); for a dense layer split
-//     into neuron groups, the top-k scores of the layer's Scorer, weight 1.
+//     into neuron groups, the top-k scores of the layer's Scorer (plus
+//     ScorerBias), weight 1.
 //  2. Expert (any node holding the expert's fragment, which needs nothing
 //     else): Expert.Apply on the normalized rows that chose it, each output
 //     row scaled by the row's weight.
@@ -214,6 +215,9 @@ func (s *Stage) choose(l *Layer, rows, k int) {
 	s.ws.matmul(&s.ws.mm)
 	for r := 0; r < rows; r++ {
 		ch := sc.choices[r*k : (r+1)*k]
+		for i, b := range l.ScorerBias {
+			sc.scores[r*n+i] += b
+		}
 		topK(ch, sc.scores[r*n:(r+1)*n])
 		if l.Gate == nil {
 			for i := range ch {

@@ -299,3 +299,157 @@ func TestPassOrder(t *testing.T) {
 		t.Fatalf("FFN without the experts: %v, want ErrExpertMissing", err)
 	}
 }
+
+// A mixture of experts cut into fragments (one per layer trunk, one per
+// expert) computes what its checkpoint does, and the manifest describes
+// the experts.
+func TestMoEFragmentsMatchCheckpoint(t *testing.T) {
+	ck, err := model.Synthesize(moeConfig, 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blobs, man, err := model.Fragments("moe", ck, []byte("tok"), model.FragmentOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if el := man.ExpertLayout; el == nil || el.Groups != moeConfig.Experts || el.TopK != moeConfig.TopK || !el.Native {
+		t.Fatalf("expert layout %+v", man.ExpertLayout)
+	}
+	layers := make([]*Layer, moeConfig.Layers)
+	var emb *Embedding
+	var head *Head
+	experts := 0
+	for _, b := range blobs {
+		f, err := model.DecodeFragment(b.Ref.ID, b.Data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch b.Ref.Kind {
+		case model.KindEmbed:
+			emb, err = EmbeddingFromFragment(moeConfig, f)
+		case model.KindHead:
+			head, err = HeadFromFragment(moeConfig, f)
+		case model.KindLayer:
+			layers[b.Ref.Layer], err = LayerFromFragment(moeConfig, f)
+		case model.KindExpert:
+			var ex *Expert
+			if ex, err = ExpertFromFragment(moeConfig, f); err == nil {
+				if b.Ref.ID != model.ExpertFragment(b.Ref.Layer, b.Ref.Expert) || f.Manifest.Expert != b.Ref.Expert {
+					t.Fatalf("expert fragment %s: ref %+v, manifest expert %d", b.Ref.ID, b.Ref, f.Manifest.Expert)
+				}
+				layers[b.Ref.Layer].Experts[b.Ref.Expert] = ex
+				experts++
+			}
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if experts != moeConfig.Layers*moeConfig.Experts {
+		t.Fatalf("%d expert fragments, want %d", experts, moeConfig.Layers*moeConfig.Experts)
+	}
+	pool := NewPool(1)
+	fromFrags, err := NewStage(moeConfig, 0, moeConfig.Layers, emb, layers, head, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fromCk, err := StageFromCheckpoint(ck, 0, moeConfig.Layers, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &Item{Cache: NewCache(moeConfig, moeConfig.Layers), N: 4, Tokens: tokens32(1, 2, 3, 4), AllLogits: true}
+	b := &Item{Cache: NewCache(moeConfig, moeConfig.Layers), N: 4, Tokens: tokens32(1, 2, 3, 4), AllLogits: true}
+	if err := fromFrags.Forward([]*Item{a}); err != nil {
+		t.Fatal(err)
+	}
+	if err := fromCk.Forward([]*Item{b}); err != nil {
+		t.Fatal(err)
+	}
+	if d := maxDiff(a.Logits, b.Logits); d != 0 {
+		t.Fatalf("fragments' logits differ from the checkpoint's by %g", d)
+	}
+}
+
+// The fused mixture-of-experts FFN equals a plain reimplementation:
+// gate logits, the top_k of them, softmax over those, the weighted sum of
+// the chosen experts' SwiGLU outputs, added to the residual.
+func TestMoEFFNMatchesReference(t *testing.T) {
+	ck, err := model.Synthesize(moeConfig, 11)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := StageFromCheckpoint(ck, 0, moeConfig.Layers, NewPool(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := moeConfig
+	d, h := c.Dim, c.HiddenDim
+	it := &Item{Cache: NewCache(c, c.Layers), N: 6, Tokens: tokens32(1, 17, 99, 3, 250, 42)}
+	p, err := s.Begin([]*Item{it})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for l := 0; l < c.Layers; l++ {
+		if err := p.Trunk(l); err != nil {
+			t.Fatal(err)
+		}
+		x := append([]float32(nil), p.Normed...)
+		want := append([]float32(nil), p.Residual...)
+		for r := 0; r < p.Rows; r++ {
+			xr := x[r*d : (r+1)*d]
+			logits := make([]float64, c.Experts)
+			for e := range logits {
+				for i := 0; i < d; i++ {
+					logits[e] += float64(ck.Gate[l][e*d+i]) * float64(xr[i])
+				}
+			}
+			chosen := make([]int, 0, c.TopK)
+			for len(chosen) < c.TopK {
+				best := -1
+				for e := range logits {
+					taken := false
+					for _, ch := range chosen {
+						taken = taken || ch == e
+					}
+					if !taken && (best < 0 || logits[e] > logits[best]) {
+						best = e
+					}
+				}
+				chosen = append(chosen, best)
+			}
+			var z float64
+			for _, e := range chosen {
+				z += math.Exp(logits[e] - logits[chosen[0]])
+			}
+			for _, e := range chosen {
+				wt := math.Exp(logits[e]-logits[chosen[0]]) / z
+				w1, w2, w3 := ck.W1[l][e*h*d:], ck.W2[l][e*d*h:], ck.W3[l][e*h*d:]
+				act := make([]float64, h)
+				for n := 0; n < h; n++ {
+					var a, b float64
+					for i := 0; i < d; i++ {
+						a += float64(w1[n*d+i]) * float64(xr[i])
+						b += float64(w3[n*d+i]) * float64(xr[i])
+					}
+					act[n] = a / (1 + math.Exp(-a)) * b
+				}
+				for i := 0; i < d; i++ {
+					var o float64
+					for n := 0; n < h; n++ {
+						o += float64(w2[i*h+n]) * act[n]
+					}
+					want[r*d+i] += float32(wt * o)
+				}
+			}
+		}
+		if err := p.FFN(); err != nil {
+			t.Fatal(err)
+		}
+		if diff := maxDiff(p.Residual, want); diff > 1e-5 {
+			t.Fatalf("layer %d: MoE FFN differs from the reference by %g", l, diff)
+		}
+	}
+	if err := p.Finish(); err != nil {
+		t.Fatal(err)
+	}
+}

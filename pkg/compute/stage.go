@@ -29,6 +29,8 @@ type Layer struct {
 	// Scorer predicts which neuron groups of a split dense layer matter
 	// for a row (groups × dim); a row's score for group g is Scorer_g·x.
 	Scorer *Matrix
+	// ScorerBias is added to the scorer's scores (groups; nil: none).
+	ScorerBias []float32
 	// Experts are the layer's experts or neuron groups, by index.
 	Experts []*Expert
 }
@@ -123,6 +125,9 @@ func checkLayers(cfg wire.ModelConfig, layers []*Layer) error {
 		}
 		if groups && !moe {
 			ms = append(ms, want{"scorer", l.Scorer, cfg.FFNGroups, d, false})
+			if l.ScorerBias != nil && len(l.ScorerBias) != cfg.FFNGroups {
+				return fmt.Errorf("layer %d: scorer bias has %d values, want %d", i, len(l.ScorerBias), cfg.FFNGroups)
+			}
 		}
 		for _, m := range ms {
 			if m.w == nil && m.optional {

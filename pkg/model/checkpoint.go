@@ -91,9 +91,13 @@ func LoadCheckpoint(path string) (*Checkpoint, error) {
 	return ParseCheckpoint(path, b)
 }
 
-// ParseCheckpoint decodes a llama2.c checkpoint held in b; name is used in
+// ParseCheckpoint decodes a llama2.c checkpoint, or a mixture-of-experts
+// checkpoint in Tessera's format (see moe.go), held in b; name is used in
 // errors, which give the byte offset of the problem.
 func ParseCheckpoint(name string, b []byte) (*Checkpoint, error) {
+	if len(b) >= 4 && string(b[:4]) == moeMagic {
+		return parseMoE(name, b)
+	}
 	if len(b) < llama2cHeaderSize {
 		return nil, fmt.Errorf("checkpoint %s: %d bytes, shorter than the %d-byte header (offset %d)", name, len(b), llama2cHeaderSize, len(b))
 	}
@@ -133,53 +137,22 @@ func ParseCheckpoint(name string, b []byte) (*Checkpoint, error) {
 	if int64(len(b)) > want {
 		return nil, fmt.Errorf("checkpoint %s: %d unexpected trailing bytes at offset %d", name, int64(len(b))-want, want)
 	}
-	off := llama2cHeaderSize
-	next := func(n int) []float32 {
-		v := make([]float32, n)
-		for i := range v {
-			v[i] = math.Float32frombits(binary.LittleEndian.Uint32(b[off+4*i:]))
-		}
-		off += 4 * n
-		return v
-	}
-	split := func(all []float32, L int) [][]float32 {
-		out := make([][]float32, L)
-		n := len(all) / L
-		for i := range out {
-			out[i] = all[i*n : (i+1)*n : (i+1)*n]
-		}
-		return out
-	}
 	ck := &Checkpoint{Config: c}
-	ck.TokenEmbedding = next(c.Vocab * d)
-	ck.AttnNorm = split(next(L*d), L)
-	ck.Wq = split(next(L*d*d), L)
-	ck.Wk = split(next(L*kv*d), L)
-	ck.Wv = split(next(L*kv*d), L)
-	ck.Wo = split(next(L*d*d), L)
-	ck.FFNNorm = split(next(L*d), L)
-	ck.W1 = split(next(L*f*d), L)
-	ck.W2 = split(next(L*d*f), L)
-	ck.W3 = split(next(L*f*d), L)
-	ck.FinalNorm = next(d)
-	off += 4 * c.SeqLen * hs // legacy freq_cis_real and freq_cis_imag, unused
-	if c.SharedClassifier {
-		ck.Classifier = ck.TokenEmbedding
-	} else {
-		ck.Classifier = next(c.Vocab * d)
-	}
-	for i, x := range ck.FinalNorm {
-		if math.IsNaN(float64(x)) || math.IsInf(float64(x), 0) {
-			return nil, fmt.Errorf("checkpoint %s: final norm weight %d is not finite", name, i)
-		}
+	readBody(&f32Reader{b: b, off: llama2cHeaderSize}, ck, c.SeqLen*hs)
+	if err := checkFinite(name, ck); err != nil {
+		return nil, err
 	}
 	return ck, nil
 }
 
 // Encode writes ck in llama2.c's legacy format (the inverse of
-// ParseCheckpoint); the legacy rotary tables are written as zeros.
+// ParseCheckpoint); the legacy rotary tables are written as zeros. A
+// mixture-of-experts checkpoint is written in Tessera's format (moe.go).
 func (ck *Checkpoint) Encode() []byte {
 	c := ck.Config
+	if c.Experts > 0 {
+		return ck.encodeMoE()
+	}
 	vocab := int32(c.Vocab)
 	if !c.SharedClassifier {
 		vocab = -vocab

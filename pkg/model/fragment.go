@@ -18,9 +18,10 @@ import (
 // Fragment kinds and ids. A model is cut into the embedding, one fragment
 // per layer (attention and feed-forward weights), and the head.
 const (
-	KindEmbed = "embed"
-	KindLayer = "layer"
-	KindHead  = "head"
+	KindEmbed  = "embed"
+	KindLayer  = "layer"
+	KindHead   = "head"
+	KindExpert = "expert"
 
 	FragEmbed = "embed"
 	FragHead  = "head"
@@ -29,8 +30,34 @@ const (
 // LayerFragment is the id of layer i's fragment.
 func LayerFragment(i int) string { return "layer." + strconv.Itoa(i) }
 
+// ExpertFragment is the id of expert (or neuron group) e of layer i.
+func ExpertFragment(i, e int) string { return LayerFragment(i) + ".expert." + strconv.Itoa(e) }
+
+// ParseExpertID returns the layer and expert of an expert fragment id
+// ("layer.<i>.expert.<e>").
+func ParseExpertID(id string) (layer, expert int, err error) {
+	rest, ok := strings.CutPrefix(id, "layer.")
+	l, e, ok2 := strings.Cut(rest, ".expert.")
+	if !ok || !ok2 {
+		return 0, 0, fmt.Errorf("fragment id %q: want layer.<i>.expert.<e>", id)
+	}
+	layer, err1 := strconv.Atoi(l)
+	expert, err2 := strconv.Atoi(e)
+	if err1 != nil || err2 != nil || layer < 0 || expert < 0 {
+		return 0, 0, fmt.Errorf("fragment id %q: bad layer or expert index", id)
+	}
+	return layer, expert, nil
+}
+
 // ParseFragmentID returns the kind and layer of a fragment id.
 func ParseFragmentID(id string) (kind string, layer int, err error) {
+	if strings.Contains(id, ".expert.") {
+		layer, _, err := ParseExpertID(id)
+		if err != nil {
+			return "", 0, err
+		}
+		return KindExpert, layer, nil
+	}
 	switch id {
 	case FragEmbed:
 		return KindEmbed, -1, nil
@@ -111,7 +138,11 @@ func EncodeTensors(model, id, dtype string, tensors []Tensor) ([]byte, error) {
 			dtype = tensors[0].DType
 		}
 	}
-	m := wire.FragmentManifest{Model: model, Fragment: id, Kind: kind, Layer: layer, Expert: -1, DType: dtype}
+	expert := -1
+	if kind == KindExpert {
+		_, expert, _ = ParseExpertID(id)
+	}
+	m := wire.FragmentManifest{Model: model, Fragment: id, Kind: kind, Layer: layer, Expert: expert, DType: dtype}
 	var off int64
 	for i := range tensors {
 		t := &tensors[i]
@@ -285,6 +316,60 @@ type FragmentOptions struct {
 	// DTypeF16 or DTypeQ8_0. Norm weights stay f32. A q8_0 matrix whose
 	// rows are not a whole number of 32-value blocks is stored as f16.
 	DType string
+	// Grouping, when set, splits each dense FFN into neuron groups for
+	// selective activation, one fragment per group.
+	Grouping *FFNGrouping
+}
+
+// FFNGrouping is how a dense model's feed-forward neurons are split into
+// groups, with the predictor that chooses each token's groups.
+type FFNGrouping struct {
+	// TopK is how many groups a token activates per layer.
+	TopK int
+	// Neurons lists, per layer and group, the group's hidden neurons (every
+	// neuron in exactly one group).
+	Neurons [][][]int
+	// Scorer is, per layer, the groups × dim predictor: a token's score
+	// for group g is Scorer_g · x with x the FFN-normalized hidden state.
+	Scorer [][]float32
+	// Bias is, per layer, the scorer's per-group constant (groups values).
+	Bias [][]float32
+}
+
+// Groups is the number of groups per layer.
+func (g *FFNGrouping) Groups() int {
+	if len(g.Neurons) == 0 {
+		return 0
+	}
+	return len(g.Neurons[0])
+}
+
+// check verifies the grouping fits config c.
+func (g *FFNGrouping) check(c wire.ModelConfig) error {
+	n := g.Groups()
+	if n < 2 || len(g.Neurons) != c.Layers || len(g.Scorer) != c.Layers || len(g.Bias) != c.Layers || g.TopK < 1 || g.TopK > n {
+		return fmt.Errorf("grouping: %d layers of %d groups with top_k %d does not fit %d layers", len(g.Neurons), n, g.TopK, c.Layers)
+	}
+	for l := range g.Neurons {
+		seen := make([]bool, c.HiddenDim)
+		if len(g.Neurons[l]) != n || len(g.Scorer[l]) != n*c.Dim || len(g.Bias[l]) != n {
+			return fmt.Errorf("grouping: layer %d has %d groups and %d scorer values, want %d and %d", l, len(g.Neurons[l]), len(g.Scorer[l]), n, n*c.Dim)
+		}
+		for gi, ns := range g.Neurons[l] {
+			for _, x := range ns {
+				if x < 0 || x >= c.HiddenDim || seen[x] {
+					return fmt.Errorf("grouping: layer %d group %d: neuron %d outside 0..%d or in two groups", l, gi, x, c.HiddenDim-1)
+				}
+				seen[x] = true
+			}
+		}
+		for x, ok := range seen {
+			if !ok {
+				return fmt.Errorf("grouping: layer %d: neuron %d in no group", l, x)
+			}
+		}
+	}
+	return nil
 }
 
 // matrixDType is the dtype a matrix with rows of cols values is stored in.
@@ -314,7 +399,11 @@ func Fragments(id string, ck *Checkpoint, tokenizer []byte, opts FragmentOptions
 			return err
 		}
 		sha := Digest(b)
-		blobs = append(blobs, Blob{Ref: wire.FragmentRef{ID: fid, Kind: kind, Layer: layer, Expert: -1, Object: ObjectName(sha), SHA256: sha, Bytes: int64(len(b))}, Data: b})
+		expert := -1
+		if kind == KindExpert {
+			_, expert, _ = ParseExpertID(fid)
+		}
+		blobs = append(blobs, Blob{Ref: wire.FragmentRef{ID: fid, Kind: kind, Layer: layer, Expert: expert, Object: ObjectName(sha), SHA256: sha, Bytes: int64(len(b))}, Data: b})
 		return nil
 	}
 	vec := func(name string, v []float32) Tensor {
@@ -327,10 +416,43 @@ func Fragments(id string, ck *Checkpoint, tokenizer []byte, opts FragmentOptions
 	if err := add(FragEmbed, KindEmbed, -1, []Tensor{mat("token_embedding", c.Vocab, d, ck.TokenEmbedding)}); err != nil {
 		return nil, wire.ModelManifest{}, err
 	}
+	grp := opts.Grouping
+	if grp != nil {
+		if c.Experts > 0 {
+			return nil, wire.ModelManifest{}, fmt.Errorf("fragments: a mixture-of-experts model cannot be grouped")
+		}
+		if err := grp.check(c); err != nil {
+			return nil, wire.ModelManifest{}, err
+		}
+		c.FFNGroups, c.TopK = grp.Groups(), grp.TopK
+	}
+	layout := &wire.ExpertLayout{Groups: 1, TopK: 1}
 	for i := 0; i < c.Layers; i++ {
 		ts := []Tensor{
 			vec("attn_norm", ck.AttnNorm[i]), mat("wq", d, d, ck.Wq[i]), mat("wk", kv, d, ck.Wk[i]), mat("wv", kv, d, ck.Wv[i]), mat("wo", d, d, ck.Wo[i]),
-			vec("ffn_norm", ck.FFNNorm[i]), mat("w1", f, d, ck.W1[i]), mat("w2", d, f, ck.W2[i]), mat("w3", f, d, ck.W3[i]),
+			vec("ffn_norm", ck.FFNNorm[i]),
+		}
+		// groups are the layer's expert fragments: a mixture's experts, a
+		// dense FFN's neuron groups, or none (the FFN stays in the layer).
+		var groups [][]Tensor
+		switch {
+		case c.Experts > 0:
+			ts = append(ts, mat("gate", c.Experts, d, ck.Gate[i]))
+			n := f * d
+			for e := 0; e < c.Experts; e++ {
+				groups = append(groups, []Tensor{mat("w1", f, d, ck.W1[i][e*n:(e+1)*n]), mat("w2", d, f, ck.W2[i][e*n:(e+1)*n]), mat("w3", f, d, ck.W3[i][e*n:(e+1)*n])})
+			}
+			layout.Groups, layout.TopK, layout.Native = c.Experts, c.TopK, true
+		case grp != nil:
+			ts = append(ts, vec("scorer", grp.Scorer[i]))
+			ts[len(ts)-1].Shape = []int{grp.Groups(), d}
+			ts = append(ts, vec("scorer_bias", grp.Bias[i]))
+			for _, ns := range grp.Neurons[i] {
+				groups = append(groups, neuronGroup(ck, i, ns, mat))
+			}
+			layout.Groups, layout.TopK = grp.Groups(), grp.TopK
+		default:
+			ts = append(ts, mat("w1", f, d, ck.W1[i]), mat("w2", d, f, ck.W2[i]), mat("w3", f, d, ck.W3[i]))
 		}
 		if i == 0 {
 			for _, t := range ts {
@@ -342,11 +464,23 @@ func Fragments(id string, ck *Checkpoint, tokenizer []byte, opts FragmentOptions
 					attnBytes += n
 				}
 			}
+			for _, g := range groups[:min(1, len(groups))] {
+				for _, t := range g {
+					n, _ := tensorBytes(t.DType, int64(len(t.Values)))
+					ffnBytes += n
+				}
+			}
 		}
 		if err := add(LayerFragment(i), KindLayer, i, ts); err != nil {
 			return nil, wire.ModelManifest{}, err
 		}
+		for e, g := range groups {
+			if err := add(ExpertFragment(i, e), KindExpert, i, g); err != nil {
+				return nil, wire.ModelManifest{}, err
+			}
+		}
 	}
+	layout.GroupBytes, layout.SharedBytes = ffnBytes, attnBytes
 	if err := add(FragHead, KindHead, -1, []Tensor{vec("norm", ck.FinalNorm), mat("classifier", c.Vocab, d, ck.Classifier)}); err != nil {
 		return nil, wire.ModelManifest{}, err
 	}
@@ -358,22 +492,40 @@ func Fragments(id string, ck *Checkpoint, tokenizer []byte, opts FragmentOptions
 		KVBytesPerTokenModel: KVBytesPerTokenPerLayer(c) * int64(c.Layers),
 		FLOPsPerToken:        FLOPsPerToken(c),
 		// A dense feed-forward network is one group that every token uses;
-		// splitting it (or a native mixture of experts) fills in more.
-		ExpertLayout: &wire.ExpertLayout{Groups: 1, TopK: 1, GroupBytes: ffnBytes, SharedBytes: attnBytes},
+		// a native mixture of experts or a grouping has more.
+		ExpertLayout: layout,
 		Created:      time.Now().UTC(),
 	}
 	m.LayerBytes = make([]int64, c.Layers)
 	for _, b := range blobs {
 		m.Fragments = append(m.Fragments, b.Ref)
 		m.TotalBytes += b.Ref.Bytes
-		if b.Ref.Kind == KindLayer {
-			m.LayerBytes[b.Ref.Layer] = b.Ref.Bytes
-			if b.Ref.Layer == 0 {
-				m.LayerWeightBytes = b.Ref.Bytes
-			}
+		if b.Ref.Kind == KindLayer || b.Ref.Kind == KindExpert {
+			m.LayerBytes[b.Ref.Layer] += b.Ref.Bytes
 		}
 	}
+	m.LayerWeightBytes = m.LayerBytes[0]
 	return blobs, m, nil
+}
+
+// neuronGroup returns the w1, w2 and w3 of neurons ns of layer i of a
+// dense ck (rows of w1 and w3, columns of w2), and the neuron indices.
+func neuronGroup(ck *Checkpoint, i int, ns []int, mat func(string, int, int, []float32) Tensor) []Tensor {
+	d, f := ck.Config.Dim, ck.Config.HiddenDim
+	w1 := make([]float32, 0, len(ns)*d)
+	w3 := make([]float32, 0, len(ns)*d)
+	w2 := make([]float32, d*len(ns))
+	idx := make([]float32, len(ns))
+	for j, n := range ns {
+		w1 = append(w1, ck.W1[i][n*d:(n+1)*d]...)
+		w3 = append(w3, ck.W3[i][n*d:(n+1)*d]...)
+		for r := 0; r < d; r++ {
+			w2[r*len(ns)+j] = ck.W2[i][r*f+n]
+		}
+		idx[j] = float32(n)
+	}
+	return []Tensor{mat("w1", len(ns), d, w1), mat("w2", d, len(ns), w2), mat("w3", len(ns), d, w3),
+		{Name: "neurons", Shape: []int{len(ns)}, Values: idx, DType: DTypeF32}}
 }
 
 // KVBytesPerTokenPerLayer is the key/value cache one token takes in one

@@ -1,0 +1,245 @@
+package compute
+
+import (
+	"fmt"
+	"math"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/tessera-grid/tessera/pkg/benchfig"
+	"github.com/tessera-grid/tessera/pkg/model"
+	"github.com/tessera-grid/tessera/pkg/testmodel"
+	"github.com/tessera-grid/tessera/pkg/wire"
+)
+
+// selectiveGroups is the group count the selective benchmark uses.
+const selectiveGroups = 4
+
+// groupedStage builds stories260K split by g with top-k groups active.
+func groupedStage(t testing.TB, ck *model.Checkpoint, g *model.FFNGrouping, k int, pool *Pool) *Stage {
+	t.Helper()
+	cfg := ck.Config
+	cfg.FFNGroups, cfg.TopK = g.Groups(), k
+	layers, err := GroupedLayers(ck, g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := NewStage(cfg, 0, cfg.Layers, &Embedding{Table: NewMatrixF32(cfg.Vocab, cfg.Dim, ck.TokenEmbedding)}, layers, &Head{Norm: ck.FinalNorm, Classifier: NewMatrixF32(cfg.Vocab, cfg.Dim, ck.Classifier)}, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func greedy(t testing.TB, s *Stage, prompt []int32, n int) []int32 {
+	t.Helper()
+	cache := NewCache(s.Config, s.End-s.First)
+	seq := append([]int32(nil), prompt...)
+	in := prompt
+	for len(seq) < len(prompt)+n {
+		it := &Item{Cache: cache, Pos: len(seq) - len(in), N: len(in), Tokens: in}
+		if err := s.Forward([]*Item{it}); err != nil {
+			t.Fatal(err)
+		}
+		seq = append(seq, int32(Argmax(it.Logits)))
+		in = seq[len(seq)-1:]
+	}
+	return seq
+}
+
+// With every group active, a fitted grouping computes each group on its
+// own and still reproduces llama2.c's greedy tokens; the grouping is a
+// partition into equal groups, and fitting is deterministic.
+func TestSelectiveAllGroupsReproducesReference(t *testing.T) {
+	ck, _ := loadDemo(t)
+	pool := NewPool(2)
+	defer pool.Close()
+	calib, err := CalibrationSequences(ck, 4, 64, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := FitGrouping(ck, calib, selectiveGroups, selectiveGroups, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g2, _ := FitGrouping(ck, calib, selectiveGroups, selectiveGroups, pool)
+	if fmt.Sprint(g.Neurons, g.Scorer) != fmt.Sprint(g2.Neurons, g2.Scorer) {
+		t.Fatal("fitting the same calibration twice gave different groupings")
+	}
+	for l, gs := range g.Neurons {
+		for i, ns := range gs {
+			if len(ns) != ck.Config.HiddenDim/selectiveGroups {
+				t.Fatalf("layer %d group %d has %d neurons, want %d", l, i, len(ns), ck.Config.HiddenDim/selectiveGroups)
+			}
+		}
+	}
+	s := groupedStage(t, ck, g, selectiveGroups, pool)
+	got := greedy(t, s, tokens32(testmodel.PromptIDs...), len(testmodel.GreedyIDs))
+	for i, want := range testmodel.GreedyIDs {
+		if int(got[len(testmodel.PromptIDs)+i]) != want {
+			t.Fatalf("token %d: %d, reference %d", i, got[len(testmodel.PromptIDs)+i], want)
+		}
+	}
+}
+
+// selectiveRow is one line of the selective activation table.
+type selectiveRow struct {
+	k                      int
+	flopsSaved, messages   float64
+	agreement, kl          float64
+	maxLogitDiffToDense    float64
+	ffnFLOPs, denseFFNFLOP float64
+}
+
+// BenchmarkSelective measures selective activation on stories260K with its
+// FFNs in 4 neuron groups: for k = 1..4 active groups, the FFN FLOPs saved
+// (the scorer's included), messages per token, and top-1 agreement and mean
+// KL divergence against the dense model, teacher-forced on the dense
+// model's greedy continuation (60 tokens) of each of 20 prompts
+// (testdata/selective_prompts.txt). The grouping is fitted on 64 sequences
+// of 128 tokens sampled from the model itself, none of them a prompt.
+//
+// Messages per token assume the demo placement: three pipeline stages
+// (router → stage 1 → stage 2 → stage 3 → router: 4 messages) and each of a
+// layer's 4 groups on an executor of its own, which the stage contacts only
+// for chosen groups (k messages per layer; dense contacts all 4).
+func BenchmarkSelective(b *testing.B) {
+	ck, tok := loadDemo(b)
+	pool := NewPool(0)
+	defer pool.Close()
+	raw, err := os.ReadFile("testdata/selective_prompts.txt")
+	if err != nil {
+		b.Fatal(err)
+	}
+	var prompts [][]int32
+	for _, line := range strings.Split(strings.TrimSpace(string(raw)), "\n") {
+		ids := tok.Encode(line, true, false)
+		prompts = append(prompts, tokens32(ids...))
+	}
+	if len(prompts) != 20 {
+		b.Fatalf("%d prompts, want 20", len(prompts))
+	}
+	const cont = 60
+	var rows []selectiveRow
+	for i := 0; i < b.N; i++ {
+		calib, err := CalibrationSequences(ck, 64, 128, pool)
+		if err != nil {
+			b.Fatal(err)
+		}
+		g, err := FitGrouping(ck, calib, selectiveGroups, 1, pool)
+		if err != nil {
+			b.Fatal(err)
+		}
+		dense, err := StageFromCheckpoint(ck, 0, ck.Config.Layers, pool)
+		if err != nil {
+			b.Fatal(err)
+		}
+		seqs := make([][]int32, len(prompts))
+		denseLogits := make([][]float32, len(prompts))
+		for p, pr := range prompts {
+			seqs[p] = greedy(b, dense, pr, cont)
+			denseLogits[p] = allLogits(b, dense, seqs[p])
+		}
+		rows = rows[:0]
+		for k := 1; k <= selectiveGroups; k++ {
+			s := groupedStage(b, ck, g, k, pool)
+			row := selectiveRow{k: k}
+			var agree, n int
+			var kl float64
+			for p, pr := range prompts {
+				lg := allLogits(b, s, seqs[p])
+				V := ck.Config.Vocab
+				for pos := len(pr) - 1; pos < len(seqs[p])-1; pos++ {
+					d, q := denseLogits[p][pos*V:(pos+1)*V], lg[pos*V:(pos+1)*V]
+					if Argmax(d) == Argmax(q) {
+						agree++
+					}
+					kl += klDiv(d, q)
+					row.maxLogitDiffToDense = max(row.maxLogitDiffToDense, maxDiff(d, q))
+					n++
+				}
+			}
+			row.agreement, row.kl = float64(agree)/float64(n), kl/float64(n)
+			row.denseFFNFLOP, row.ffnFLOPs = selectiveFLOPs(ck.Config, g, k)
+			row.flopsSaved = 1 - row.ffnFLOPs/row.denseFFNFLOP
+			row.messages = float64(4 + ck.Config.Layers*k)
+			rows = append(rows, row)
+		}
+	}
+	b.StopTimer()
+	var tbl strings.Builder
+	fmt.Fprintf(&tbl, "| k (of %d groups) | FFN FLOPs/token (incl. scorer) | FFN FLOPs saved | messages/token | top-1 agreement | mean KL (nats) | max logit diff |\n|---|---|---|---|---|---|---|\n", selectiveGroups)
+	for _, r := range rows {
+		fmt.Fprintf(&tbl, "| %d | %.0f of %.0f | %.1f%% | %.0f | %.2f%% | %.4f | %.2g |\n", r.k, r.ffnFLOPs, r.denseFFNFLOP, 100*r.flopsSaved, r.messages, 100*r.agreement, r.kl, r.maxLogitDiffToDense)
+		b.ReportMetric(r.agreement, fmt.Sprintf("k%d_agreement", r.k))
+	}
+	fmt.Print(tbl.String())
+	if path := os.Getenv("TESSERA_SELECTIVE_TABLE"); path != "" {
+		if err := os.WriteFile(path, []byte(tbl.String()), 0o644); err != nil {
+			b.Fatal(err)
+		}
+	}
+	figs := map[string]float64{
+		"selective_k1_agreement":          rows[0].agreement,
+		"selective_k2_agreement":          rows[1].agreement,
+		"selective_k3_agreement":          rows[2].agreement,
+		"selective_k2_ffn_flops_saved":    rows[1].flopsSaved,
+		"selective_k2_messages_per_token": rows[1].messages,
+		"dense_messages_per_token":        rows[3].messages,
+	}
+	if err := benchfig.Record(figs); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// allLogits runs seq through s as one prompt and returns every row's logits.
+func allLogits(t testing.TB, s *Stage, seq []int32) []float32 {
+	t.Helper()
+	it := &Item{Cache: NewCache(s.Config, s.End-s.First), N: len(seq), Tokens: seq, AllLogits: true}
+	if err := s.Forward([]*Item{it}); err != nil {
+		t.Fatal(err)
+	}
+	return it.Logits
+}
+
+// klDiv is KL(softmax(p) ‖ softmax(q)) in nats.
+func klDiv(p, q []float32) float64 {
+	lp := make([]float32, len(p))
+	lq := make([]float32, len(q))
+	LogSoftmax(lp, p)
+	LogSoftmax(lq, q)
+	var s float64
+	for i := range lp {
+		s += math.Exp(float64(lp[i])) * float64(lp[i]-lq[i])
+	}
+	return s
+}
+
+// selectiveFLOPs is the dense FFN's FLOPs per token (all layers) and those
+// of the top-k groups plus the scorer (none when every group is active).
+func selectiveFLOPs(c wire.ModelConfig, g *model.FFNGrouping, k int) (dense, selective float64) {
+	d := float64(c.Dim)
+	for l := range g.Neurons {
+		dense += 6 * d * float64(c.HiddenDim)
+		// Groups are equal (±1 neuron): count the k largest.
+		sizes := make([]int, len(g.Neurons[l]))
+		for i, ns := range g.Neurons[l] {
+			sizes[i] = len(ns)
+		}
+		for j := 0; j < k; j++ {
+			m := 0
+			for i := range sizes {
+				if sizes[i] > sizes[m] {
+					m = i
+				}
+			}
+			selective += 6 * d * float64(sizes[m])
+			sizes[m] = -1
+		}
+		if k < len(g.Neurons[l]) {
+			selective += float64(len(g.Neurons[l])) * (2*d + 1)
+		}
+	}
+	return dense, selective
+}
