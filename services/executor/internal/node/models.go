@@ -1,6 +1,7 @@
 package node
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -29,6 +30,34 @@ type modelState struct {
 	layers      map[int]*compute.Layer
 	bytes       int64
 	runners     map[[2]int]*runner
+	// experts are the expert groups held, by (layer, expert), for models
+	// stored as expert groups; holdExperts is the assignment's list (nil:
+	// every expert of the assigned layers).
+	experts       map[[2]int]heldExpert
+	holdExperts   []int
+	expertRunners map[int]*expertRunner
+}
+
+// heldExpert is one loaded expert group and its fragment's size.
+type heldExpert struct {
+	w     *compute.Expert
+	bytes int64
+}
+
+// holdsExperts reports whether the node holds every expert of layer l.
+func (m *modelState) holdsExperts(l int) bool {
+	for e := 0; e < m.manifest.ExpertGroups(); e++ {
+		if m.experts[[2]int{l, e}].w == nil {
+			return false
+		}
+	}
+	return true
+}
+
+// wantsExpert reports whether the current assignment includes expert e of
+// layer l.
+func (m *modelState) wantsExpert(l, e int) bool {
+	return l >= m.first && l < m.end && (len(m.holdExperts) == 0 || slices.Contains(m.holdExperts, e))
 }
 
 func (m *modelState) fragmentIDs() []string {
@@ -43,6 +72,14 @@ func (m *modelState) fragmentIDs() []string {
 	sort.Ints(keys)
 	for _, l := range keys {
 		out = append(out, m.manifest.ID+"/"+model.LayerFragment(l))
+	}
+	held := make([][2]int, 0, len(m.experts))
+	for k := range m.experts {
+		held = append(held, k)
+	}
+	slices.SortFunc(held, func(a, b [2]int) int { return cmp.Or(cmp.Compare(a[0], b[0]), cmp.Compare(a[1], b[1])) })
+	for _, k := range held {
+		out = append(out, m.manifest.ID+"/"+model.ExpertFragment(k[0], k[1]))
 	}
 	if m.head != nil {
 		out = append(out, m.manifest.ID+"/"+model.FragHead)
@@ -146,14 +183,21 @@ func (n *Node) applyPlan(ctx context.Context, p wire.Plan) error {
 	var need []wire.FragmentRef
 	for _, ref := range man.Fragments {
 		switch {
+		case ref.Expert >= 0:
+			// An expert group: only those the assignment lists.
+			if ref.Layer < mine.First || ref.Layer >= mine.End || (len(mine.Experts) > 0 && !slices.Contains(mine.Experts, ref.Expert)) {
+				continue
+			}
 		case ref.Kind == model.KindEmbed && mine.First == 0,
 			ref.Kind == model.KindHead && mine.End == man.Config.Layers,
 			ref.Kind == model.KindLayer && ref.Layer >= mine.First && ref.Layer < mine.End:
-			if cur != nil && cur.manifest.Created.Equal(man.Created) && cur.hasFragment(ref) {
-				continue
-			}
-			need = append(need, ref)
+		default:
+			continue
 		}
+		if cur != nil && cur.manifest.Created.Equal(man.Created) && cur.hasFragment(ref) {
+			continue
+		}
+		need = append(need, ref)
 	}
 	var total int64
 	for _, r := range need {
@@ -169,7 +213,8 @@ func (n *Node) applyPlan(ctx context.Context, p wire.Plan) error {
 		loaded[ref.ID] = f
 	}
 	// Build the new state, reusing what is already loaded.
-	ns := &modelState{manifest: man, planVersion: p.Version, first: mine.First, end: mine.End, layers: map[int]*compute.Layer{}, runners: map[[2]int]*runner{}}
+	ns := &modelState{manifest: man, planVersion: p.Version, first: mine.First, end: mine.End, layers: map[int]*compute.Layer{}, runners: map[[2]int]*runner{},
+		experts: map[[2]int]heldExpert{}, holdExperts: slices.Clone(mine.Experts), expertRunners: map[int]*expertRunner{}}
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if cur != nil && cur.manifest.Created.Equal(man.Created) {
@@ -177,16 +222,27 @@ func (n *Node) applyPlan(ctx context.Context, p wire.Plan) error {
 		for l, w := range cur.layers {
 			ns.layers[l] = w
 		}
+		for k, x := range cur.experts {
+			ns.experts[k] = x
+		}
 		ns.bytes = cur.bytes
 		ns.runners = cur.runners
+		ns.expertRunners = cur.expertRunners
 	} else if cur != nil {
-		for _, r := range cur.runners {
-			r.stop()
-		}
+		cur.stopRunners()
 	}
 	cfg := man.Config
 	for _, ref := range need {
 		f := loaded[ref.ID]
+		if ref.Expert >= 0 {
+			x, err := compute.ExpertFromFragment(cfg, f)
+			if err != nil {
+				return err
+			}
+			ns.experts[[2]int{ref.Layer, ref.Expert}] = heldExpert{w: x, bytes: ref.Bytes}
+			ns.bytes += ref.Bytes
+			continue
+		}
 		switch ref.Kind {
 		case model.KindEmbed:
 			e, err := compute.EmbeddingFromFragment(cfg, f)
@@ -209,12 +265,30 @@ func (n *Node) applyPlan(ctx context.Context, p wire.Plan) error {
 		}
 		ns.bytes += ref.Bytes
 	}
+	if len(need) > 0 && man.ExpertGroups() > 0 {
+		// Stages hold their layers' experts: new ones need new stages.
+		ns.stopRunners()
+		ns.runners, ns.expertRunners = map[[2]int]*runner{}, map[int]*expertRunner{}
+	}
 	n.models[p.Model] = ns
 	n.log.Info("plan applied", "model", p.Model, "version", p.Version, "layers", fmt.Sprintf("[%d,%d)", mine.First, mine.End), "fetched_bytes", total)
 	return nil
 }
 
+// stopRunners stops every stage and expert runner of the model.
+func (m *modelState) stopRunners() {
+	for _, r := range m.runners {
+		r.stop()
+	}
+	for _, r := range m.expertRunners {
+		r.stop()
+	}
+}
+
 func (m *modelState) hasFragment(ref wire.FragmentRef) bool {
+	if ref.Expert >= 0 {
+		return m.experts[[2]int{ref.Layer, ref.Expert}].w != nil
+	}
 	switch ref.Kind {
 	case model.KindEmbed:
 		return m.embed != nil
@@ -276,6 +350,17 @@ func (n *Node) trimUnused() {
 				m.bytes -= m.manifest.LayerWeightBytes
 			}
 		}
+		for k, x := range m.experts {
+			if !m.wantsExpert(k[0], k[1]) {
+				// Expert requests hold no state: what the plan dropped goes.
+				delete(m.experts, k)
+				m.bytes -= x.bytes
+				if r := m.expertRunners[k[0]]; r != nil {
+					r.stop()
+					delete(m.expertRunners, k[0])
+				}
+			}
+		}
 		if m.first != 0 && !usedEmbed {
 			m.embed = nil
 		}
@@ -288,7 +373,7 @@ func (n *Node) trimUnused() {
 				delete(m.runners, r)
 			}
 		}
-		if len(m.layers) == 0 && m.embed == nil && m.head == nil {
+		if len(m.layers) == 0 && len(m.experts) == 0 && m.embed == nil && m.head == nil {
 			delete(n.models, id)
 		}
 	}

@@ -1,7 +1,7 @@
 // Package node is the executor's core: it holds the fragments the plan
 // assigns to this node, serves stage requests (batching concurrent decode
-// steps), keeps each request's KV cache, forwards activations to the next
-// stage, and accounts usage per request.
+// steps) and expert requests (feed-forward experts of layers split over
+// nodes), keeps each request's KV cache, and accounts usage per request.
 package node
 
 import (
@@ -149,6 +149,11 @@ func (n *Node) Run(ctx context.Context) error {
 		return fmt.Errorf("subscribe stage: %w", err)
 	}
 	sub.SetPendingLimits(-1, -1)
+	exp, err := n.bus.NC.Subscribe(subjects.Expert(n.opts.ID), n.onExpert)
+	if err != nil {
+		return fmt.Errorf("subscribe expert: %w", err)
+	}
+	exp.SetPendingLimits(-1, -1)
 	rel, err := n.bus.NC.Subscribe(subjects.SessionRelease, n.onRelease)
 	if err != nil {
 		return fmt.Errorf("subscribe release: %w", err)
@@ -171,9 +176,11 @@ func (n *Node) Run(ctx context.Context) error {
 	<-ctx.Done()
 	// Stop taking work, finish what is queued, then account for it.
 	_ = sub.Drain()
+	_ = exp.Drain()
 	_ = ctl.Unsubscribe()
 	_ = chal.Unsubscribe()
 	n.waitSubDrained(sub)
+	n.waitSubDrained(exp)
 	n.inflight.Wait()
 	_ = rel.Unsubscribe()
 	n.stopRunners()

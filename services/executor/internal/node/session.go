@@ -25,6 +25,14 @@ type sessionKey struct {
 	request    string
 	model      string
 	first, end int
+	// experts marks the session of the request's expert requests, which
+	// has no range (first and end are -1) and no KV cache.
+	experts bool
+}
+
+// expertSessionKey is the key of request's expert session for model.
+func expertSessionKey(request, model string) sessionKey {
+	return sessionKey{request: request, model: model, first: -1, end: -1, experts: true}
 }
 
 // session is one request's KV cache and usage on this node.
@@ -43,57 +51,105 @@ type session struct {
 	// cacheBytes is the cache's size, stored by the runner after each
 	// forward pass so that Status can read it while the cache grows.
 	cacheBytes atomic.Int64
+	// paused is a pass stopped at a split layer, waiting for its experts'
+	// outputs (guarded by the node's mu).
+	paused *pause
+	// expertLayers is the lowest and highest layer an expert session
+	// computed (guarded by mu).
+	expertLayers [2]int
+}
+
+// pause is a pass stopped after the trunk of layer, holding the residual
+// of its rows until the experts' outputs resume it.
+type pause struct {
+	layer    int
+	pos      int
+	rows     int
+	residual []float32
+}
+
+// expertSession returns j's expert session, creating it on first use.
+func (n *Node) expertSession(j *expertJob) *session {
+	return n.openSession(expertSessionKey(j.request, j.model), j.customer, j.origin, func(se *session) {
+		se.expertLayers = [2]int{j.layer, j.layer}
+	})
+}
+
+// accountExperts adds one served expert request to the session's usage:
+// a message, the arithmetic of the experts it applied, and its time. Its
+// tokens are billed by the stage with the head, like every other stage's.
+func (se *session) accountExperts(j *expertJob, flops int64, took time.Duration) {
+	se.mu.Lock()
+	defer se.mu.Unlock()
+	u := &se.usage
+	u.Messages++
+	u.FLOPs += flops
+	u.ComputeUS += took.Microseconds()
+	u.End = time.Now().UTC()
+	se.expertLayers[0] = min(se.expertLayers[0], j.layer)
+	se.expertLayers[1] = max(se.expertLayers[1], j.layer)
 }
 
 // session returns j's session, creating it on first use.
 func (n *Node) session(j *job, man wire.ModelManifest) *session {
 	key := sessionKey{request: j.request, model: j.model, first: j.first, end: j.end}
+	return n.openSession(key, j.customer, j.origin, func(se *session) {
+		se.cache = compute.NewCache(man.Config, j.end-j.first)
+	})
+}
+
+// openSession returns the session of key, creating it (set up by init) on
+// first use, and notes its trace context and its last use.
+func (n *Node) openSession(key sessionKey, customer string, origin trace.SpanContext, init func(*session)) *session {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	se := n.sessions[key]
 	if se == nil {
-		se = &session{key: key, cache: compute.NewCache(man.Config, j.end-j.first), customer: j.customer}
+		se = &session{key: key, customer: customer}
+		init(se)
 		se.usage.Start = time.Now().UTC()
-		// A job queued before its request's release runs on a cache that
-		// is not kept.
-		if _, done := n.released[j.request]; !done {
+		// A job queued before its request's release runs on a session
+		// that is not kept.
+		if _, done := n.released[key.request]; !done {
 			n.sessions[key] = se
 		}
 	}
 	se.mu.Lock()
 	if !se.trace.IsValid() {
-		se.trace = j.origin
+		se.trace = origin
 	}
 	se.mu.Unlock()
 	se.last = time.Now()
 	return se
 }
 
-// account adds one served job to the session's usage.
-func (se *session) account(j *job, took time.Duration, man wire.ModelManifest) {
+// account adds one served stage message to the session's usage: w says
+// which layers it computed whole, which only up to the feed-forward
+// network (run on expert holders, who bill it), and whether the pass ended.
+func (se *session) account(j *job, took time.Duration, man wire.ModelManifest, w passWork) {
 	se.mu.Lock()
 	defer se.mu.Unlock()
 	u := &se.usage
 	rows := int64(j.rows)
+	cfg := man.Config
 	// Tokens are the customer's bill: only the stage with the head counts
 	// them, so that a request crossing several stages is billed once. Every
 	// stage counts its layer-tokens, the supplier's pay.
 	// A pass through the head yields one new token; a prompt's rows are
 	// prompt tokens, while rows re-run after a failover (phase "recompute")
 	// are not billed again.
-	if j.end == man.Config.Layers {
+	head := w.final && j.end == cfg.Layers
+	if head {
 		if j.phase == wire.PhasePrefill {
 			u.PromptTokens += rows
 		}
 		u.GeneratedTokens++
 	}
-	layers := int64(j.end - j.first)
-	u.LayerTokens += rows * layers
+	u.LayerTokens += rows * int64(w.whole+w.trunks)
 	u.Messages++
-	cfg := man.Config
 	perLayer := (model.FLOPsPerToken(cfg) - 2*int64(cfg.Vocab)*int64(cfg.Dim)) / int64(cfg.Layers)
-	u.FLOPs += rows * layers * perLayer
-	if j.end == cfg.Layers {
+	u.FLOPs += rows * (int64(w.whole)*perLayer + int64(w.trunks)*trunkFLOPs(cfg, man.ExpertGroups()))
+	if head {
 		logitRows := int64(1)
 		if j.logits == "all" {
 			logitRows = rows
@@ -102,6 +158,13 @@ func (se *session) account(j *job, took time.Duration, man wire.ModelManifest) {
 	}
 	u.ComputeUS += took.Microseconds()
 	u.End = time.Now().UTC()
+}
+
+// trunkFLOPs is one row's arithmetic in the trunk of a split layer: the
+// attention projections and the scores of the layer's expert groups.
+func trunkFLOPs(cfg wire.ModelConfig, groups int) int64 {
+	d, kv := int64(cfg.Dim), int64(compute.KVDim(cfg))
+	return 2 * (2*d*d + 2*kv*d + int64(groups)*d)
 }
 
 // onRelease frees every cache of a finished request and publishes its usage.
@@ -241,6 +304,11 @@ func (n *Node) publishUsage(done []*session, why string) {
 		u.Node = n.opts.ID
 		u.Model = se.key.model
 		u.Fragment = fmt.Sprintf("layers[%d,%d)", se.key.first, se.key.end)
+		if se.key.experts {
+			se.mu.Lock()
+			u.Fragment = fmt.Sprintf("experts of layers[%d,%d]", se.expertLayers[0], se.expertLayers[1])
+			se.mu.Unlock()
+		}
 		u.DeviceType = n.opts.DeviceType
 		if u.End.IsZero() {
 			u.End = u.Start

@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -33,6 +34,14 @@ type job struct {
 	tokens   []int32
 	hidden   []float32
 	rows     int
+	// split lists the layers whose feed-forward networks the requester
+	// computes on expert holders: the pass pauses at each (HdrSplit).
+	split []int
+	// resume is set on a request that continues a paused pass: the layer
+	// it paused at, and sum its rows' expert outputs (rows×dim).
+	resume   bool
+	layer    int
+	sum      []float32
 	received time.Time
 	ctx      context.Context
 	span     trace.Span
@@ -43,16 +52,23 @@ type job struct {
 // runner owns one compute.Stage (a layer range of a model) and runs its
 // queued jobs in batches on one goroutine.
 type runner struct {
+	stopper
 	stage *compute.Stage
 	queue chan *job
-	done  chan struct{}
 }
 
-func (r *runner) stop() {
+// stopper is a runner's stop signal: done closes once, on the first stop.
+type stopper struct {
+	done chan struct{}
+}
+
+func newStopper() stopper { return stopper{done: make(chan struct{})} }
+
+func (s *stopper) stop() {
 	select {
-	case <-r.done:
+	case <-s.done:
 	default:
-		close(r.done)
+		close(s.done)
 	}
 }
 
@@ -60,22 +76,11 @@ func (r *runner) stop() {
 func parseStage(msg *nats.Msg) (*job, error) {
 	h := msg.Header
 	j := &job{msg: msg, received: time.Now()}
-	j.request = h.Get(wire.HdrRequest)
-	j.model = h.Get(wire.HdrModel)
-	j.customer = h.Get(wire.HdrCustomer)
-	j.phase = h.Get(wire.HdrPhase)
+	var err error
+	if j.request, j.model, j.customer, j.phase, err = parseWork(h); err != nil {
+		return nil, err
+	}
 	j.logits = h.Get(wire.HdrLogits)
-	if err := subjects.Token(j.request); err != nil {
-		return nil, fmt.Errorf("header %s: %w", wire.HdrRequest, err)
-	}
-	if err := subjects.Token(j.model); err != nil {
-		return nil, fmt.Errorf("header %s: %w", wire.HdrModel, err)
-	}
-	switch j.phase {
-	case wire.PhasePrefill, wire.PhaseDecode, wire.PhaseRecompute:
-	default:
-		return nil, fmt.Errorf("header %s=%q: want %s, %s or %s", wire.HdrPhase, j.phase, wire.PhasePrefill, wire.PhaseDecode, wire.PhaseRecompute)
-	}
 	pos, err := strconv.Atoi(h.Get(wire.HdrPos))
 	if err != nil || pos < 0 {
 		return nil, fmt.Errorf("header %s=%q: want a position >= 0", wire.HdrPos, h.Get(wire.HdrPos))
@@ -85,9 +90,33 @@ func parseStage(msg *nats.Msg) (*job, error) {
 	if err != nil {
 		return nil, err
 	}
+	if j.split, err = parseSplit(h.Get(wire.HdrSplit), j.first, j.end); err != nil {
+		return nil, err
+	}
+	switch op := h.Get(wire.HdrOp); op {
+	case "":
+	case wire.OpResume:
+		j.resume = true
+		j.layer, err = strconv.Atoi(h.Get(wire.HdrLayer))
+		if err != nil || !slices.Contains(j.split, j.layer) {
+			return nil, fmt.Errorf("header %s=%q: a resumed pass names one of its split layers %v", wire.HdrLayer, h.Get(wire.HdrLayer), j.split)
+		}
+	default:
+		return nil, fmt.Errorf("header %s=%q: want empty or %s", wire.HdrOp, op, wire.OpResume)
+	}
 	f, err := wire.DecodeFrame(msg.Data)
 	if err != nil {
 		return nil, err
+	}
+	if j.resume {
+		if f.DType != wire.F32 || f.Rows == 0 {
+			return nil, fmt.Errorf("%w: a resumed pass carries f32 expert outputs", wire.ErrFrame)
+		}
+		if j.sum, err = f.F32(nil); err != nil {
+			return nil, err
+		}
+		j.rows = f.Rows
+		return j, nil
 	}
 	switch f.DType {
 	case wire.I32:
@@ -105,6 +134,40 @@ func parseStage(msg *nats.Msg) (*job, error) {
 		return nil, fmt.Errorf("%w: no rows", wire.ErrFrame)
 	}
 	return j, nil
+}
+
+// parseWork reads the headers every stage and expert request carries: its
+// request, model, customer and phase.
+func parseWork(h nats.Header) (request, model, customer, phase string, err error) {
+	request, model, customer, phase = h.Get(wire.HdrRequest), h.Get(wire.HdrModel), h.Get(wire.HdrCustomer), h.Get(wire.HdrPhase)
+	if err := subjects.Token(request); err != nil {
+		return "", "", "", "", fmt.Errorf("header %s: %w", wire.HdrRequest, err)
+	}
+	if err := subjects.Token(model); err != nil {
+		return "", "", "", "", fmt.Errorf("header %s: %w", wire.HdrModel, err)
+	}
+	switch phase {
+	case wire.PhasePrefill, wire.PhaseDecode, wire.PhaseRecompute:
+	default:
+		return "", "", "", "", fmt.Errorf("header %s=%q: want %s, %s or %s", wire.HdrPhase, phase, wire.PhasePrefill, wire.PhaseDecode, wire.PhaseRecompute)
+	}
+	return request, model, customer, phase, nil
+}
+
+// parseSplit reads HdrSplit: ascending layers inside [first, end).
+func parseSplit(s string, first, end int) ([]int, error) {
+	if s == "" {
+		return nil, nil
+	}
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		l, err := strconv.Atoi(f)
+		if err != nil || l < first || l >= end || (len(out) > 0 && l <= out[len(out)-1]) {
+			return nil, fmt.Errorf("header %s=%q: want ascending layers inside [%d,%d)", wire.HdrSplit, s, first, end)
+		}
+		out = append(out, l)
+	}
+	return out, nil
 }
 
 func parseRange(s string) (int, int, error) {
@@ -137,20 +200,27 @@ func (n *Node) onStage(msg *nats.Msg) {
 		n.respondError(msg.Reply, j.request, err)
 		return
 	}
+	enqueue(n, r.queue, r.done, j, j.span, msg.Reply, j.request, fmt.Sprintf("layers [%d,%d)", j.first, j.end))
+}
+
+// enqueue puts j on a runner's queue, counting it as queued and in flight,
+// or answers "overloaded" when the node's queue is full and "not loaded"
+// when the runner (which computes what was called what) has stopped.
+func enqueue[J any](n *Node, queue chan<- J, done <-chan struct{}, j J, span trace.Span, reply, request, what string) {
 	if n.queued.Load() >= int64(n.opts.QueueLimit) {
-		j.span.End()
-		n.respondError(msg.Reply, j.request, replyErr(wire.ErrCodeOverloaded, "queue full (%d requests)", n.opts.QueueLimit))
+		span.End()
+		n.respondError(reply, request, replyErr(wire.ErrCodeOverloaded, "queue full (%d requests)", n.opts.QueueLimit))
 		return
 	}
 	n.queued.Add(1)
 	n.inflight.Add(1)
 	select {
-	case r.queue <- j:
-	case <-r.done:
+	case queue <- j:
+	case <-done:
 		n.queued.Add(-1)
 		n.inflight.Done()
-		j.span.End()
-		n.respondError(msg.Reply, j.request, replyErr(wire.ErrCodeNotLoaded, "layers [%d,%d) were unloaded", j.first, j.end))
+		span.End()
+		n.respondError(reply, request, replyErr(wire.ErrCodeNotLoaded, "%s were unloaded", what))
 	}
 }
 
@@ -183,11 +253,25 @@ func (n *Node) runnerFor(j *job) (*runner, error) {
 	if err := m.holds(j.first, j.end); err != nil {
 		return nil, replyErr(wire.ErrCodeNotLoaded, "%s: %v", n.opts.ID, err)
 	}
-	if (j.first == 0) != (j.tokens != nil) {
+	if !j.resume && (j.first == 0) != (j.tokens != nil) {
 		return nil, replyErr(wire.ErrCodeBadRequest, "range [%d,%d) needs %s input", j.first, j.end, map[bool]string{true: "token", false: "hidden-state"}[j.first == 0])
 	}
-	if j.hidden != nil && len(j.hidden) != j.rows*m.manifest.Config.Dim {
-		return nil, replyErr(wire.ErrCodeBadRequest, "hidden frame has %d values, want rows×%d", len(j.hidden), m.manifest.Config.Dim)
+	if in := j.hidden; in != nil || j.sum != nil {
+		if in == nil {
+			in = j.sum
+		}
+		if len(in) != j.rows*m.manifest.Config.Dim {
+			return nil, replyErr(wire.ErrCodeBadRequest, "frame has %d values, want rows×%d", len(in), m.manifest.Config.Dim)
+		}
+	}
+	groups := m.manifest.ExpertGroups()
+	if len(j.split) > 0 && groups == 0 {
+		return nil, replyErr(wire.ErrCodeBadRequest, "model %s has no expert groups to split", j.model)
+	}
+	for l := j.first; l < j.end && groups > 0; l++ {
+		if !slices.Contains(j.split, l) && !m.holdsExperts(l) {
+			return nil, replyErr(wire.ErrCodeNotLoaded, "%s does not hold every expert of layer %d", n.opts.ID, l)
+		}
 	}
 	rk := [2]int{j.first, j.end}
 	if r := m.runners[rk]; r != nil {
@@ -195,7 +279,18 @@ func (n *Node) runnerFor(j *job) (*runner, error) {
 	}
 	layers := make([]*compute.Layer, 0, j.end-j.first)
 	for l := j.first; l < j.end; l++ {
-		layers = append(layers, m.layers[l])
+		layer := m.layers[l]
+		if groups > 0 {
+			// The stage's copy of the layer carries the experts held here;
+			// the others run on their holders.
+			c := *layer
+			c.Experts = make([]*compute.Expert, groups)
+			for e := range c.Experts {
+				c.Experts[e] = m.experts[[2]int{l, e}].w
+			}
+			layer = &c
+		}
+		layers = append(layers, layer)
 	}
 	var emb *compute.Embedding
 	var head *compute.Head
@@ -209,7 +304,7 @@ func (n *Node) runnerFor(j *job) (*runner, error) {
 	if err != nil {
 		return nil, replyErr(wire.ErrCodeInternal, "%v", err)
 	}
-	r := &runner{stage: st, queue: make(chan *job, n.opts.QueueLimit), done: make(chan struct{})}
+	r := &runner{stopper: newStopper(), stage: st, queue: make(chan *job, n.opts.QueueLimit)}
 	m.runners[rk] = r
 	go n.runBatches(r, m.manifest)
 	return r, nil
@@ -220,18 +315,27 @@ func (n *Node) stopRunners() {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	for _, m := range n.models {
-		for _, r := range m.runners {
-			r.stop()
-		}
+		m.stopRunners()
 	}
 }
 
 // runBatches takes jobs off r's queue and runs them in batches of up to
-// MaxBatch, never two jobs of one request in the same batch.
+// MaxBatch, never two jobs of one request in the same batch, and only
+// jobs that can share a pass (samePass).
 func (n *Node) runBatches(r *runner, man wire.ModelManifest) {
-	batch := make([]*job, 0, n.opts.MaxBatch)
-	var deferred []*job
 	items := make([]*compute.Item, 0, n.opts.MaxBatch)
+	runQueue(r.queue, r.done, n.opts.MaxBatch,
+		func(batch []*job, j *job) bool { return !containsRequest(batch, j.request) && samePass(batch[0], j) },
+		func(batch []*job) { n.runBatch(r, man, batch, items) })
+}
+
+// runQueue runs the jobs of queue in batches of up to max: a batch takes
+// what is queued at once, and a job that does not fit the batch (fits
+// says) waits for a later one, ahead of the queue. Once done is closed it
+// runs what is still queued, one job at a time, and returns.
+func runQueue[J any](queue <-chan J, done <-chan struct{}, max int, fits func(batch []J, j J) bool, run func(batch []J)) {
+	batch := make([]J, 0, max)
+	var deferred []J
 	for {
 		batch = batch[:0]
 		if len(deferred) > 0 {
@@ -239,14 +343,14 @@ func (n *Node) runBatches(r *runner, man wire.ModelManifest) {
 			deferred = deferred[1:]
 		} else {
 			select {
-			case j := <-r.queue:
+			case j := <-queue:
 				batch = append(batch, j)
-			case <-r.done:
+			case <-done:
 				// Finish what is queued, then stop.
 				for {
 					select {
-					case j := <-r.queue:
-						n.runBatch(r, man, []*job{j}, items)
+					case j := <-queue:
+						run([]J{j})
 					default:
 						return
 					}
@@ -254,10 +358,10 @@ func (n *Node) runBatches(r *runner, man wire.ModelManifest) {
 			}
 		}
 	fill:
-		for len(batch) < n.opts.MaxBatch {
+		for len(batch) < max {
 			select {
-			case j := <-r.queue:
-				if containsRequest(batch, j.request) {
+			case j := <-queue:
+				if !fits(batch, j) {
 					deferred = append(deferred, j)
 					continue
 				}
@@ -266,8 +370,14 @@ func (n *Node) runBatches(r *runner, man wire.ModelManifest) {
 				break fill
 			}
 		}
-		n.runBatch(r, man, batch, items)
+		run(batch)
 	}
+}
+
+// samePass reports whether two jobs can run in one pass: both whole, or
+// both pausing at the same layers and starting at the same point.
+func samePass(a, b *job) bool {
+	return slices.Equal(a.split, b.split) && a.resume == b.resume && a.layer == b.layer
 }
 
 func containsRequest(b []*job, req string) bool {
@@ -294,6 +404,10 @@ func (n *Node) runBatch(r *runner, man wire.ModelManifest, batch []*job, items [
 		items = append(items, &compute.Item{Cache: se.cache, Pos: j.pos, N: j.rows, Tokens: j.tokens, Hidden: j.hidden, AllLogits: j.logits == "all"})
 	}
 	n.metrics.batchDone(len(batch))
+	if len(batch[0].split) > 0 {
+		n.runSplit(r, man, batch, sessions, items)
+		return
+	}
 	start := time.Now()
 	err := r.stage.Forward(items)
 	elapsed := time.Since(start)
@@ -310,7 +424,7 @@ func (n *Node) runBatch(r *runner, man wire.ModelManifest, batch []*job, items [
 				n.respondError(j.msg.Reply, j.request, err)
 				continue
 			}
-			n.finish(j, sessions[i], items[i], time.Since(start), man)
+			n.finish(j, sessions[i], items[i], time.Since(start), man, passWork{whole: j.end - j.first, final: true})
 		}
 		return
 	}
@@ -320,16 +434,16 @@ func (n *Node) runBatch(r *runner, man wire.ModelManifest, batch []*job, items [
 	}
 	for i, j := range batch {
 		// Share the batch's time by rows.
-		n.finish(j, sessions[i], items[i], elapsed*time.Duration(j.rows)/time.Duration(rows), man)
+		n.finish(j, sessions[i], items[i], elapsed*time.Duration(j.rows)/time.Duration(rows), man, passWork{whole: j.end - j.first, final: true})
 	}
 }
 
 // finish accounts a job's usage and answers the requester with the
 // stage's output: logits when the stage holds the head, else the hidden
 // state for the next stage (the requester, not this node, sends it on).
-func (n *Node) finish(j *job, se *session, it *compute.Item, took time.Duration, man wire.ModelManifest) {
+func (n *Node) finish(j *job, se *session, it *compute.Item, took time.Duration, man wire.ModelManifest, w passWork) {
 	defer j.span.End()
-	se.account(j, took, man)
+	se.account(j, took, man, w)
 	n.metrics.stageDone(j, took)
 	if j.msg.Reply == "" {
 		return

@@ -12,6 +12,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/tessera-grid/tessera/pkg/model"
 	"github.com/tessera-grid/tessera/pkg/subjects"
 	"github.com/tessera-grid/tessera/pkg/telemetry"
 	"github.com/tessera-grid/tessera/pkg/wire"
@@ -26,10 +27,8 @@ import (
 // only to the nodes holding the groups that row's gate chose, one message
 // per node and layer, sums what they answer and resumes the hop.
 
-// expertFragment is the heartbeat name of expert e of layer l of model.
-func expertFragment(model string, l, e int) string {
-	return model + "/layer." + strconv.Itoa(l) + ".expert." + strconv.Itoa(e)
-}
+// expertFragment is the heartbeat name of expert e of layer l of m.
+func expertFragment(m string, l, e int) string { return m + "/" + model.ExpertFragment(l, e) }
 
 // splitLayers lists the layers of hp whose expert groups its node does not
 // all hold: their feed-forward networks run on the groups' holders.

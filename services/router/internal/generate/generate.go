@@ -446,6 +446,7 @@ func (s *session) hop(ctx context.Context, hp hop, msg *nats.Msg, rows int, phas
 			next.Header[k] = v
 		}
 		next.Header.Set(wire.HdrOp, wire.OpResume)
+		next.Header.Set(wire.HdrLayer, strconv.Itoa(layer))
 		next.Data = wire.AppendF32(nil, rows, s.model.Manifest.Config.Dim, sum)
 		msg = next
 	}
