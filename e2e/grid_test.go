@@ -102,12 +102,25 @@ func startGridWith(t *testing.T, o local.Options) (*local.Grid, string) {
 // waitPlanLoaded waits for a plan over n nodes that all report their layers.
 func waitPlanLoaded(t *testing.T, g *local.Grid, n int) wire.Plan {
 	t.Helper()
+	return waitPlan(t, g, testmodel.ID, n, func(a wire.Assignment, r wire.NodeRecord) error {
+		want := fmt.Sprintf("%s/layer.%d", testmodel.ID, a.End-1)
+		if !strings.Contains(strings.Join(r.Heartbeat.Fragments, " "), want) {
+			return fmt.Errorf("node %s has not loaded %s yet", a.Node, want)
+		}
+		return nil
+	})
+}
+
+// waitPlan waits for a plan of model id over n nodes in which every
+// assignment passes loaded, given the node's live record.
+func waitPlan(t *testing.T, g *local.Grid, id string, n int, loaded func(wire.Assignment, wire.NodeRecord) error) wire.Plan {
+	t.Helper()
 	ctx := context.Background()
 	plans, _ := g.Admin.JS.KeyValue(ctx, subjects.BucketPlans)
 	nodes, _ := g.Admin.JS.KeyValue(ctx, subjects.BucketNodes)
 	var plan wire.Plan
 	bustest.CheckFor(t, time.Minute, 50*time.Millisecond, func() error {
-		e, err := plans.Get(ctx, testmodel.ID)
+		e, err := plans.Get(ctx, id)
 		if err != nil {
 			return err
 		}
@@ -124,9 +137,8 @@ func waitPlanLoaded(t *testing.T, g *local.Grid, n int) wire.Plan {
 			}
 			var r wire.NodeRecord
 			_ = json.Unmarshal(ne.Value(), &r)
-			want := fmt.Sprintf("%s/layer.%d", testmodel.ID, a.End-1)
-			if !strings.Contains(strings.Join(r.Heartbeat.Fragments, " "), want) {
-				return fmt.Errorf("node %s has not loaded %s yet", a.Node, want)
+			if err := loaded(a, r); err != nil {
+				return err
 			}
 		}
 		return nil

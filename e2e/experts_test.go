@@ -1,0 +1,441 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math"
+	"net/http"
+	"os"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/tessera-grid/tessera/internal/local"
+	"github.com/tessera-grid/tessera/pkg/bus/bustest"
+	"github.com/tessera-grid/tessera/pkg/compute"
+	"github.com/tessera-grid/tessera/pkg/fragstore"
+	"github.com/tessera-grid/tessera/pkg/model"
+	"github.com/tessera-grid/tessera/pkg/subjects"
+	"github.com/tessera-grid/tessera/pkg/testmodel"
+	"github.com/tessera-grid/tessera/pkg/wire"
+)
+
+// moeTestConfig is a small seeded mixture of experts: 4 layers of 8
+// experts, 2 active per token, over the demo model's 512-token vocabulary.
+var moeTestConfig = wire.ModelConfig{Dim: 64, HiddenDim: 96, Layers: 4, Heads: 4, KVHeads: 2, Vocab: 512, SeqLen: 128,
+	SharedClassifier: true, Experts: 8, TopK: 2}
+
+// startExpertGrid runs n executors whose planner spreads each layer's
+// experts over spread of them, imports ck as model id (fragments as opts
+// says) and waits until every node holds its experts.
+func startExpertGrid(t *testing.T, n, spread int, models map[string]*expertModel) (*local.Grid, string) {
+	t.Helper()
+	o := testOptions(t)
+	o.Executors = n
+	o.Router.HTTPAddr = "127.0.0.1:0"
+	o.Router.AnonymousCustomer = "tester"
+	o.Router.StageTimeout = 5 * time.Second
+	o.Router.ExpertLoadInterval = 100 * time.Millisecond
+	o.Planner.Settle = 200 * time.Millisecond
+	o.Planner.ExpertSpread = spread
+	o.Executor.HeartbeatInterval = 200 * time.Millisecond
+	o.Executor.Threads = 1
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	g, err := local.Start(ctx, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Close)
+	st, err := fragstore.Open(ctx, g.Admin.JS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for id, m := range models {
+		blobs, man, err := model.Fragments(id, m.ck, m.tok, m.opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := st.Import(ctx, blobs, m.tok, man, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	addr, err := g.HTTPAddr(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for id, m := range models {
+		m.plan = waitExpertsLoaded(t, g, id, n, m.groups)
+	}
+	return g, "http://" + addr
+}
+
+// expertModel is a model of the expert tests: its checkpoint, tokenizer
+// and fragment options, its expert groups per layer, and (once loaded) its
+// plan.
+type expertModel struct {
+	ck     *model.Checkpoint
+	tok    []byte
+	opts   model.FragmentOptions
+	groups int
+	plan   wire.Plan
+}
+
+// waitExpertsLoaded waits for a plan of model id over n nodes that spreads
+// its experts, and for every node to report the fragments it assigns.
+func waitExpertsLoaded(t *testing.T, g *local.Grid, id string, n, groups int) wire.Plan {
+	t.Helper()
+	return waitPlan(t, g, id, n, func(a wire.Assignment, r wire.NodeRecord) error {
+		if len(a.Experts) == 0 || len(a.Experts) == groups {
+			return fmt.Errorf("node %s holds experts %v: not spread", a.Node, a.Experts)
+		}
+		for l := a.First; l < a.End; l++ {
+			for _, x := range a.Experts {
+				if f := id + "/" + model.ExpertFragment(l, x); !slices.Contains(r.Heartbeat.Fragments, f) {
+					return fmt.Errorf("node %s has not loaded %s yet", a.Node, f)
+				}
+			}
+		}
+		return nil
+	})
+}
+
+// holderOf maps each expert to the nodes whose assignment lists it.
+func holderOf(plan wire.Plan) map[int][]string {
+	out := map[int][]string{}
+	for _, a := range plan.Assignments {
+		for _, e := range a.Experts {
+			out[e] = append(out[e], a.Node)
+		}
+	}
+	return out
+}
+
+// reference is a single-process greedy run of a model: per step the
+// logits, and per (layer, position) the FFN input and the chosen experts.
+type reference struct {
+	tokens  []int
+	logits  [][]float32
+	normed  map[[2]int][]float32
+	choices map[[2]int][]int
+}
+
+// runReference generates steps tokens greedily after prompt in one
+// process, the layers run by a compute.Pass so that every layer's choice
+// of experts is seen.
+func runReference(t *testing.T, ck *model.Checkpoint, opts model.FragmentOptions, prompt []int, steps int) *reference {
+	t.Helper()
+	pool := compute.NewPool(1)
+	defer pool.Close()
+	st, err := referenceStage(ck, opts, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := st.Config
+	ref := &reference{normed: map[[2]int][]float32{}, choices: map[[2]int][]int{}}
+	cache := compute.NewCache(c, c.Layers)
+	in, pos := prompt, 0
+	for s := 0; s < steps; s++ {
+		toks := make([]int32, len(in))
+		for i, v := range in {
+			toks[i] = int32(v)
+		}
+		it := &compute.Item{Cache: cache, Pos: pos, N: len(in), Tokens: toks}
+		p, err := st.Begin([]*compute.Item{it})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for l := 0; l < c.Layers; l++ {
+			if err := p.Trunk(l); err != nil {
+				t.Fatal(err)
+			}
+			for r := 0; r < p.Rows; r++ {
+				k := [2]int{l, pos + r}
+				ref.normed[k] = append([]float32(nil), p.Normed[r*c.Dim:(r+1)*c.Dim]...)
+				for _, ch := range p.Choices[r*p.K : (r+1)*p.K] {
+					ref.choices[k] = append(ref.choices[k], int(ch.Expert))
+				}
+			}
+			if err := p.FFN(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := p.Finish(); err != nil {
+			t.Fatal(err)
+		}
+		ref.logits = append(ref.logits, append([]float32(nil), it.Logits...))
+		next := compute.Argmax(it.Logits)
+		ref.tokens = append(ref.tokens, next)
+		pos += len(in)
+		in = []int{next}
+	}
+	return ref
+}
+
+// traffic records the grid's messages that the expert tests check: the
+// expert requests and the logits the last stage returns.
+type traffic struct {
+	mu      sync.Mutex
+	experts []expertCall
+	logits  [][]float32
+}
+
+// expertCall is one expert request as its node received it.
+type expertCall struct {
+	node    string
+	request string
+	layer   int
+	routed  wire.Routed
+}
+
+// watchTraffic subscribes to every subject of the grid.
+func watchTraffic(t *testing.T, g *local.Grid, dim, vocab, groups int) *traffic {
+	t.Helper()
+	tr := &traffic{}
+	sub, err := g.Admin.NC.Subscribe(">", func(m *nats.Msg) {
+		tr.mu.Lock()
+		defer tr.mu.Unlock()
+		if node, ok := strings.CutSuffix(strings.TrimPrefix(m.Subject, subjects.Root+".node."), ".expert"); ok && m.Subject == subjects.Expert(node) {
+			l, _ := strconv.Atoi(m.Header.Get(wire.HdrLayer))
+			r, err := wire.DecodeRouted(m.Data, dim, groups)
+			if err != nil {
+				t.Errorf("expert request to %s: %v", node, err)
+				return
+			}
+			tr.experts = append(tr.experts, expertCall{node: node, request: m.Header.Get(wire.HdrRequest), layer: l, routed: r})
+			return
+		}
+		if f, err := wire.DecodeFrame(m.Data); err == nil && f.DType == wire.F32 && f.Cols == vocab && f.Rows == 1 {
+			v, _ := f.F32(nil)
+			tr.logits = append(tr.logits, v)
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sub.SetPendingLimits(-1, -1)
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	return tr
+}
+
+// routedTo checks every expert request of request against the reference:
+// each row is matched to its position by its FFN input, and the experts
+// it asks for are the reference's choices for that row that the node
+// holds. It returns, per (layer, position), the nodes that received the
+// row.
+func (tr *traffic) routedTo(t *testing.T, request string, ref *reference, holders map[int][]string) map[[2]int][]string {
+	t.Helper()
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	got := map[[2]int][]string{}
+	for _, c := range tr.experts {
+		if c.request != request {
+			continue
+		}
+		r := c.routed
+		for row := 0; row < r.Rows; row++ {
+			x := r.X[row*r.Dim : (row+1)*r.Dim]
+			pos, best := -1, math.Inf(1)
+			for k, v := range ref.normed {
+				if k[0] != c.layer {
+					continue
+				}
+				if d := maxAbsDiff(x, v); d < best {
+					pos, best = k[1], d
+				}
+			}
+			if best > 1e-3 {
+				t.Fatalf("layer %d: a row sent to %s matches no reference row (closest differs by %g)", c.layer, c.node, best)
+			}
+			k := [2]int{c.layer, pos}
+			var asked, want []int
+			for _, e := range r.Experts[row*r.K : (row+1)*r.K] {
+				if e >= 0 {
+					asked = append(asked, int(e))
+				}
+			}
+			for _, e := range ref.choices[k] {
+				if slices.Contains(holders[e], c.node) {
+					want = append(want, e)
+				}
+			}
+			sort.Ints(asked)
+			sort.Ints(want)
+			if !slices.Equal(asked, want) {
+				t.Errorf("layer %d position %d: %s was asked for experts %v, the row chose %v of which it holds %v", c.layer, pos, c.node, asked, ref.choices[k], want)
+			}
+			got[k] = append(got[k], c.node)
+		}
+	}
+	return got
+}
+
+func maxAbsDiff(a, b []float32) float64 {
+	d := 0.0
+	for i := range a {
+		d = max(d, math.Abs(float64(a[i]-b[i])))
+	}
+	return d
+}
+
+// referenceStage is the whole model in one stage (with every expert).
+func referenceStage(ck *model.Checkpoint, opts model.FragmentOptions, pool *compute.Pool) (*compute.Stage, error) {
+	if opts.Grouping == nil {
+		return compute.StageFromCheckpoint(ck, 0, ck.Config.Layers, pool)
+	}
+	return groupedStage(ck, opts.Grouping, pool)
+}
+
+// demoTokenizer returns the demo model's tokenizer file and prompt ids.
+func demoTokenizer(t *testing.T, vocab int) ([]byte, []int) {
+	t.Helper()
+	_, tp, err := testmodel.Paths()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, err := os.ReadFile(tp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := model.ParseTokenizer(tp, tb, vocab)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tb, tok.Encode(testmodel.Prompt, true, false)
+}
+
+// completeGreedy asks the grid for a greedy completion of the demo prompt.
+func completeGreedy(t *testing.T, base, id string, tokens int) wire.CompletionResponse {
+	t.Helper()
+	code, b := post(t, base+"/v1/completions", fmt.Sprintf(`{"model":%q,"prompt":%q,"max_tokens":%d,"temperature":0}`, id, testmodel.Prompt, tokens))
+	if code != http.StatusOK {
+		t.Fatalf("HTTP %d: %s", code, b)
+	}
+	var res wire.CompletionResponse
+	if err := json.Unmarshal(b, &res); err != nil {
+		t.Fatal(err)
+	}
+	return res
+}
+
+// A synthetic mixture of experts with its experts spread over three
+// executors gives the single-process tokens and logits, and each token's
+// hidden state reaches exactly the executors holding its top-k experts in
+// each layer, never the others. The routers' expert-use counts reach KV
+// expertload.
+func TestMoEExpertsSpreadOverThreeExecutors(t *testing.T) {
+	const id, steps = "moe-test", 8
+	ck, err := model.Synthesize(moeTestConfig, 42)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, prompt := demoTokenizer(t, moeTestConfig.Vocab)
+	m := &expertModel{ck: ck, tok: tb, groups: moeTestConfig.Experts}
+	g, base := startExpertGrid(t, 3, 3, map[string]*expertModel{id: m})
+	holders := holderOf(m.plan)
+	for e := 0; e < moeTestConfig.Experts; e++ {
+		if len(holders[e]) != 1 {
+			t.Fatalf("expert %d held by %v, want one node", e, holders[e])
+		}
+	}
+	ref := runReference(t, ck, model.FragmentOptions{}, prompt, steps)
+	tr := watchTraffic(t, g, moeTestConfig.Dim, moeTestConfig.Vocab, moeTestConfig.Experts)
+	res := completeGreedy(t, base, id, steps)
+	if !slices.Equal(res.Tokens, ref.tokens) {
+		t.Fatalf("grid tokens %v, single process %v", res.Tokens, ref.tokens)
+	}
+	tr.mu.Lock()
+	logits := tr.logits
+	tr.mu.Unlock()
+	if len(logits) != steps {
+		t.Fatalf("saw %d logits frames, want %d", len(logits), steps)
+	}
+	for s := range logits {
+		if d := maxAbsDiff(logits[s], ref.logits[s]); d > 1e-3 {
+			t.Fatalf("step %d: logits differ from the single process by %g", s, d)
+		}
+	}
+	got := tr.routedTo(t, res.ID, ref, holders)
+	if len(got) != len(ref.choices) {
+		t.Errorf("%d (layer, position) rows reached experts, the reference has %d", len(got), len(ref.choices))
+	}
+	contacted := map[string]bool{}
+	for k, chosen := range ref.choices {
+		var want []string
+		for _, e := range chosen {
+			want = append(want, holders[e]...)
+		}
+		sort.Strings(want)
+		want = slices.Compact(want)
+		nodes := slices.Clone(got[k])
+		sort.Strings(nodes)
+		if !slices.Equal(nodes, want) {
+			t.Errorf("layer %d position %d chose experts %v: reached %v, want exactly %v", k[0], k[1], chosen, got[k], want)
+		}
+		for _, n := range nodes {
+			contacted[n] = true
+		}
+	}
+	if len(contacted) < 2 {
+		t.Errorf("experts of only %v were used: the test does not exercise spreading", contacted)
+	}
+	// The routers' counts: every row's choices, per layer and expert.
+	want := make([][]int64, moeTestConfig.Layers)
+	for l := range want {
+		want[l] = make([]int64, moeTestConfig.Experts)
+	}
+	for k, chosen := range ref.choices {
+		for _, e := range chosen {
+			want[k[0]][e]++
+		}
+	}
+	kv, err := g.Admin.JS.KeyValue(context.Background(), subjects.BucketExpertLoad)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bustest.CheckFor(t, 10*time.Second, 50*time.Millisecond, func() error {
+		e, err := kv.Get(context.Background(), id)
+		if err != nil {
+			return err
+		}
+		var load wire.ExpertLoad
+		if err := wire.Decode(e.Value(), &load); err != nil {
+			return err
+		}
+		for l := range want {
+			if !slices.Equal(load.Counts[l], want[l]) {
+				return fmt.Errorf("layer %d counts %v, want %v", l, load.Counts[l], want[l])
+			}
+		}
+		return nil
+	})
+}
+
+// groupedStage is a dense checkpoint's whole model in one stage with each
+// FFN cut into the grouping's neuron groups, chosen by its scorer, as the
+// grid computes it.
+func groupedStage(ck *model.Checkpoint, grp *model.FFNGrouping, pool *compute.Pool) (*compute.Stage, error) {
+	c := ck.Config
+	c.FFNGroups, c.TopK = grp.Groups(), grp.TopK
+	layers := make([]*compute.Layer, c.Layers)
+	for i := range layers {
+		l := compute.LayerFromCheckpoint(ck, i)
+		ex, err := compute.SplitFFN(l, grp.Neurons[i])
+		if err != nil {
+			return nil, err
+		}
+		l.Experts, l.Scorer = ex, compute.NewMatrixF32(c.FFNGroups, c.Dim, grp.Scorer[i])
+		l.W1, l.W2, l.W3 = nil, nil, nil
+		layers[i] = l
+	}
+	emb := &compute.Embedding{Table: compute.NewMatrixF32(c.Vocab, c.Dim, ck.TokenEmbedding)}
+	head := &compute.Head{Norm: ck.FinalNorm, Classifier: compute.NewMatrixF32(c.Vocab, c.Dim, ck.Classifier)}
+	return compute.NewStage(c, 0, c.Layers, emb, layers, head, pool)
+}
