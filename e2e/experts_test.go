@@ -277,6 +277,28 @@ func (tr *traffic) routedTo(t *testing.T, request string, ref *reference, holder
 	return got
 }
 
+// reachedExactly checks that every (layer, position) row of the reference
+// reached exactly the holders of the experts it chose, each once.
+func reachedExactly(t *testing.T, got map[[2]int][]string, ref *reference, holders map[int][]string) {
+	t.Helper()
+	if len(got) != len(ref.choices) {
+		t.Errorf("%d (layer, position) rows reached experts, the reference has %d", len(got), len(ref.choices))
+	}
+	for k, chosen := range ref.choices {
+		var want []string
+		for _, e := range chosen {
+			want = append(want, holders[e]...)
+		}
+		sort.Strings(want)
+		want = slices.Compact(want)
+		nodes := slices.Clone(got[k])
+		sort.Strings(nodes)
+		if !slices.Equal(nodes, want) {
+			t.Errorf("layer %d position %d chose experts %v: reached %v, want exactly %v", k[0], k[1], chosen, got[k], want)
+		}
+	}
+}
+
 func maxAbsDiff(a, b []float32) float64 {
 	d := 0.0
 	for i := range a {
@@ -363,28 +385,9 @@ func TestMoEExpertsSpreadOverThreeExecutors(t *testing.T) {
 		}
 	}
 	got := tr.routedTo(t, res.ID, ref, holders)
-	if len(got) != len(ref.choices) {
-		t.Errorf("%d (layer, position) rows reached experts, the reference has %d", len(got), len(ref.choices))
-	}
-	contacted := map[string]bool{}
-	for k, chosen := range ref.choices {
-		var want []string
-		for _, e := range chosen {
-			want = append(want, holders[e]...)
-		}
-		sort.Strings(want)
-		want = slices.Compact(want)
-		nodes := slices.Clone(got[k])
-		sort.Strings(nodes)
-		if !slices.Equal(nodes, want) {
-			t.Errorf("layer %d position %d chose experts %v: reached %v, want exactly %v", k[0], k[1], chosen, got[k], want)
-		}
-		for _, n := range nodes {
-			contacted[n] = true
-		}
-	}
-	if len(contacted) < 2 {
-		t.Errorf("experts of only %v were used: the test does not exercise spreading", contacted)
+	reachedExactly(t, got, ref, holders)
+	if c := tr.contacted(res.ID); len(c) < 2 {
+		t.Errorf("experts of only %v were used: the test does not exercise spreading", c)
 	}
 	// The routers' counts: every row's choices, per layer and expert.
 	want := make([][]int64, moeTestConfig.Layers)
@@ -424,18 +427,149 @@ func TestMoEExpertsSpreadOverThreeExecutors(t *testing.T) {
 func groupedStage(ck *model.Checkpoint, grp *model.FFNGrouping, pool *compute.Pool) (*compute.Stage, error) {
 	c := ck.Config
 	c.FFNGroups, c.TopK = grp.Groups(), grp.TopK
-	layers := make([]*compute.Layer, c.Layers)
-	for i := range layers {
-		l := compute.LayerFromCheckpoint(ck, i)
-		ex, err := compute.SplitFFN(l, grp.Neurons[i])
-		if err != nil {
-			return nil, err
-		}
-		l.Experts, l.Scorer = ex, compute.NewMatrixF32(c.FFNGroups, c.Dim, grp.Scorer[i])
-		l.W1, l.W2, l.W3 = nil, nil, nil
-		layers[i] = l
+	layers, err := compute.GroupedLayers(ck, grp)
+	if err != nil {
+		return nil, err
 	}
 	emb := &compute.Embedding{Table: compute.NewMatrixF32(c.Vocab, c.Dim, ck.TokenEmbedding)}
 	head := &compute.Head{Norm: ck.FinalNorm, Classifier: compute.NewMatrixF32(c.Vocab, c.Dim, ck.Classifier)}
 	return compute.NewStage(c, 0, c.Layers, emb, layers, head, pool)
+}
+
+// usageOf returns the usage events of request in stream USAGE, waiting
+// until the stage with the head and every node in experts has published.
+func usageOf(t *testing.T, g *local.Grid, request string, experts []string) []wire.UsageEvent {
+	t.Helper()
+	ctx := context.Background()
+	st, err := g.Admin.JS.Stream(ctx, subjects.StreamUsage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []wire.UsageEvent
+	bustest.CheckFor(t, 10*time.Second, 50*time.Millisecond, func() error {
+		out = out[:0]
+		info, err := st.Info(ctx)
+		if err != nil {
+			return err
+		}
+		head := false
+		seen := map[string]bool{}
+		for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
+			m, err := st.GetMsg(ctx, seq)
+			if err != nil {
+				return err
+			}
+			var u wire.UsageEvent
+			if err := json.Unmarshal(m.Data, &u); err != nil || u.Request != request {
+				continue
+			}
+			out = append(out, u)
+			head = head || u.GeneratedTokens > 0
+			if strings.HasPrefix(u.Fragment, "experts") {
+				seen[u.Node] = true
+			}
+		}
+		if !head {
+			return fmt.Errorf("no usage of the head stage for %s yet", request)
+		}
+		for _, n := range experts {
+			if !seen[n] {
+				return fmt.Errorf("no expert usage of %s for %s yet", n, request)
+			}
+		}
+		return nil
+	})
+	return out
+}
+
+// usageTotals sums a request's events: all FLOPs, the expert holders'
+// FLOPs, and all messages.
+func usageTotals(events []wire.UsageEvent) (flops, expertFLOPs, messages int64) {
+	for _, u := range events {
+		flops += u.FLOPs
+		messages += u.Messages
+		if strings.HasPrefix(u.Fragment, "experts") {
+			expertFLOPs += u.FLOPs
+		}
+	}
+	return flops, expertFLOPs, messages
+}
+
+// contacted lists the nodes that got expert requests for request.
+func (tr *traffic) contacted(request string) []string {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	var out []string
+	for _, c := range tr.experts {
+		if c.request == request && !slices.Contains(out, c.node) {
+			out = append(out, c.node)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// The demo model with each FFN cut into 4 neuron groups, one group per
+// executor: with all 4 groups active the grid gives llama2.c's greedy
+// output exactly; with 2 active each row reaches only the executors of
+// the groups its predictor chose (as in one process), and the executors'
+// usage events bill half the groups' FLOPs and fewer messages.
+func TestSelectiveGroupsOnTheGrid(t *testing.T) {
+	const groups, steps = 4, 16
+	cp, _, err := testmodel.Paths()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ck, err := model.LoadCheckpoint(cp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := compute.NewPool(1)
+	calib, err := compute.CalibrationSequences(ck, 4, 64, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	all, err := compute.FitGrouping(ck, calib, groups, groups, pool)
+	pool.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	two := *all
+	two.TopK = 2
+	tb, prompt := demoTokenizer(t, ck.Config.Vocab)
+	models := map[string]*expertModel{
+		"stories-k4": {ck: ck, tok: tb, opts: model.FragmentOptions{Grouping: all}, groups: groups},
+		"stories-k2": {ck: ck, tok: tb, opts: model.FragmentOptions{Grouping: &two}, groups: groups},
+	}
+	g, base := startExpertGrid(t, groups, groups, models)
+	tr := watchTraffic(t, g, ck.Config.Dim, ck.Config.Vocab, groups)
+
+	dense := completeGreedy(t, base, "stories-k4", len(testmodel.GreedyIDs))
+	if !slices.Equal(dense.Tokens, testmodel.GreedyIDs) {
+		t.Fatalf("k=4 tokens %v\nwant llama2.c's %v", dense.Tokens, testmodel.GreedyIDs)
+	}
+	if dense.Choices[0].Text != testmodel.GreedyText {
+		t.Fatalf("k=4 text %q, want %q", dense.Choices[0].Text, testmodel.GreedyText)
+	}
+
+	// The same number of tokens at k=4 and k=2, to compare their bills.
+	ref := runReference(t, ck, model.FragmentOptions{Grouping: &two}, prompt, steps)
+	sel := completeGreedy(t, base, "stories-k2", steps)
+	if !slices.Equal(sel.Tokens, ref.tokens) {
+		t.Fatalf("k=2 grid tokens %v, single process %v", sel.Tokens, ref.tokens)
+	}
+	holders := holderOf(models["stories-k2"].plan)
+	reachedExactly(t, tr.routedTo(t, sel.ID, ref, holders), ref, holders)
+	full := completeGreedy(t, base, "stories-k4", steps)
+	fullUse := usageOf(t, g, full.ID, tr.contacted(full.ID))
+	selUse := usageOf(t, g, sel.ID, tr.contacted(sel.ID))
+	fFLOPs, fExpert, fMsgs := usageTotals(fullUse)
+	sFLOPs, sExpert, sMsgs := usageTotals(selUse)
+	t.Logf("k=4: %d FLOPs (%d in groups), %d messages; k=2: %d FLOPs (%d in groups), %d messages", fFLOPs, fExpert, fMsgs, sFLOPs, sExpert, sMsgs)
+	if 2*sExpert != fExpert {
+		t.Errorf("k=2 groups billed %d FLOPs, want half of k=4's %d", sExpert, fExpert)
+	}
+	if sFLOPs >= fFLOPs || sMsgs >= fMsgs {
+		t.Errorf("k=2 billed %d FLOPs and %d messages, k=4 %d and %d: selective must cost less", sFLOPs, sMsgs, fFLOPs, fMsgs)
+	}
 }
