@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"net/http"
@@ -185,6 +186,8 @@ type traffic struct {
 	mu      sync.Mutex
 	experts []expertCall
 	logits  [][]float32
+	// stages are the nodes that got stage requests, per request.
+	stages map[string][]string
 }
 
 // expertCall is one expert request as its node received it.
@@ -198,10 +201,17 @@ type expertCall struct {
 // watchTraffic subscribes to every subject of the grid.
 func watchTraffic(t *testing.T, g *local.Grid, dim, vocab, groups int) *traffic {
 	t.Helper()
-	tr := &traffic{}
+	tr := &traffic{stages: map[string][]string{}}
 	sub, err := g.Admin.NC.Subscribe(">", func(m *nats.Msg) {
 		tr.mu.Lock()
 		defer tr.mu.Unlock()
+		if node, ok := strings.CutSuffix(strings.TrimPrefix(m.Subject, subjects.Root+".node."), ".stage"); ok && m.Subject == subjects.Stage(node) {
+			req := m.Header.Get(wire.HdrRequest)
+			if !slices.Contains(tr.stages[req], node) {
+				tr.stages[req] = append(tr.stages[req], node)
+			}
+			return
+		}
 		if node, ok := strings.CutSuffix(strings.TrimPrefix(m.Subject, subjects.Root+".node."), ".expert"); ok && m.Subject == subjects.Expert(node) {
 			l, _ := strconv.Atoi(m.Header.Get(wire.HdrLayer))
 			r, err := wire.DecodeRouted(m.Data, dim, groups)
@@ -571,5 +581,57 @@ func TestSelectiveGroupsOnTheGrid(t *testing.T) {
 	}
 	if sFLOPs >= fFLOPs || sMsgs >= fMsgs {
 		t.Errorf("k=2 billed %d FLOPs and %d messages, k=4 %d and %d: selective must cost less", sFLOPs, sMsgs, fFLOPs, fMsgs)
+	}
+}
+
+// An executor holding experts dies in the middle of a generation: the
+// router sends its rows to another holder of the same experts, and the
+// request finishes with the single-process tokens.
+func TestExpertHolderFailsOver(t *testing.T) {
+	const id, steps = "moe-failover", 60
+	ck, err := model.Synthesize(moeTestConfig, 42)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, prompt := demoTokenizer(t, moeTestConfig.Vocab)
+	m := &expertModel{ck: ck, tok: tb, groups: moeTestConfig.Experts}
+	// Two shards over three nodes: one shard lives on two of them.
+	g, base := startExpertGrid(t, 3, 2, map[string]*expertModel{id: m})
+	holders := holderOf(m.plan)
+	ref := runReference(t, ck, model.FragmentOptions{}, prompt, steps)
+	tr := watchTraffic(t, g, moeTestConfig.Dim, moeTestConfig.Vocab, moeTestConfig.Experts)
+	done := make(chan wire.CompletionResponse, 1)
+	go func() { done <- completeGreedy(t, base, id, steps) }()
+	// Find the node serving a replicated expert that is not the stage.
+	var victim, spare string
+	bustest.CheckFor(t, 30*time.Second, 5*time.Millisecond, func() error {
+		tr.mu.Lock()
+		defer tr.mu.Unlock()
+		for _, c := range tr.experts {
+			if len(tr.stages[c.request]) != 1 || tr.stages[c.request][0] == c.node {
+				continue
+			}
+			for _, e := range c.routed.Experts {
+				if e >= 0 && len(holders[int(e)]) == 2 {
+					victim = c.node
+					spare = holders[int(e)][0]
+					if spare == victim {
+						spare = holders[int(e)][1]
+					}
+					return nil
+				}
+			}
+		}
+		return errors.New("no replicated expert served by a node other than the stage yet")
+	})
+	if err := g.Kill(victim); err != nil {
+		t.Fatal(err)
+	}
+	res := <-done
+	if !slices.Equal(res.Tokens, ref.tokens) {
+		t.Fatalf("tokens after losing %s: %v, single process %v", victim, res.Tokens, ref.tokens)
+	}
+	if c := tr.contacted(res.ID); !slices.Contains(c, spare) {
+		t.Fatalf("the spare holder %s of %s's experts got no expert request (contacted %v)", spare, victim, c)
 	}
 }
