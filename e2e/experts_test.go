@@ -409,6 +409,32 @@ func TestMoEExpertsSpreadOverThreeExecutors(t *testing.T) {
 			want[k[0]][e]++
 		}
 	}
+	checkExpertLoad(t, g, id, want)
+	// Requests at once share the stage's paused passes and the holders'
+	// expert batches, and keep their own output.
+	const n = 4
+	errs := make(chan error, n)
+	for i := 0; i < n; i++ {
+		go func() {
+			code, b := post(t, base+"/v1/completions", fmt.Sprintf(`{"model":%q,"prompt":%q,"max_tokens":%d,"temperature":0}`, id, testmodel.Prompt, steps))
+			var r wire.CompletionResponse
+			if err := json.Unmarshal(b, &r); err != nil || code != http.StatusOK || !slices.Equal(r.Tokens, ref.tokens) {
+				errs <- fmt.Errorf("HTTP %d: tokens %v (%v), want %v", code, r.Tokens, err, ref.tokens)
+				return
+			}
+			errs <- nil
+		}()
+	}
+	for i := 0; i < n; i++ {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// checkExpertLoad waits until KV expertload holds want for model id.
+func checkExpertLoad(t *testing.T, g *local.Grid, id string, want [][]int64) {
+	t.Helper()
 	kv, err := g.Admin.JS.KeyValue(context.Background(), subjects.BucketExpertLoad)
 	if err != nil {
 		t.Fatal(err)

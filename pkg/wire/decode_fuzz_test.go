@@ -28,6 +28,7 @@ var messageTypes = []func() any{
 	func() any { return new(ChatCompletionResponse) },
 	func() any { return new(ErrorResponse) },
 	func() any { return new(ModelList) },
+	func() any { return new(ExpertLoad) },
 }
 
 // FuzzDecodeMessages: Decode of any bytes into any message type returns an

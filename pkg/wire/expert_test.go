@@ -50,3 +50,25 @@ func TestExpertLoadAdd(t *testing.T) {
 		t.Fatal("ragged counts accepted")
 	}
 }
+
+// FuzzDecodeRouted: a routed payload comes from the network; DecodeRouted
+// refuses it or returns rows, choices and weights of consistent sizes with
+// every expert in range.
+func FuzzDecodeRouted(f *testing.F) {
+	f.Add(AppendRouted(nil, Routed{Rows: 2, Dim: 2, K: 1, X: []float32{1, 2, 3, 4}, Experts: []int32{0, 3}, Weights: []float32{1, 1}}))
+	f.Add(AppendF32(nil, 1, 2, []float32{1, 2}))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r, err := DecodeRouted(b, 2, 4)
+		if err != nil {
+			return
+		}
+		if r.Rows < 1 || r.K < 1 || len(r.X) != 2*r.Rows || len(r.Experts) != r.Rows*r.K || len(r.Weights) != r.Rows*r.K {
+			t.Fatalf("accepted %d rows of %d choices with %d values, %d experts, %d weights", r.Rows, r.K, len(r.X), len(r.Experts), len(r.Weights))
+		}
+		for _, e := range r.Experts {
+			if e < -1 || e >= 4 {
+				t.Fatalf("accepted expert %d", e)
+			}
+		}
+	})
+}

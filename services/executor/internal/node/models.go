@@ -275,6 +275,16 @@ func (n *Node) applyPlan(ctx context.Context, p wire.Plan) error {
 	return nil
 }
 
+// fragmentBytes is the size of the model's fragment id (0 if unknown).
+func (m *modelState) fragmentBytes(id string) int64 {
+	for _, f := range m.manifest.Fragments {
+		if f.ID == id {
+			return f.Bytes
+		}
+	}
+	return 0
+}
+
 // stopRunners stops every stage and expert runner of the model.
 func (m *modelState) stopRunners() {
 	for _, r := range m.runners {
@@ -347,7 +357,7 @@ func (n *Node) trimUnused() {
 		for l := range m.layers {
 			if (l < m.first || l >= m.end) && !used[l] {
 				delete(m.layers, l)
-				m.bytes -= m.manifest.LayerWeightBytes
+				m.bytes -= m.fragmentBytes(model.LayerFragment(l))
 			}
 		}
 		for k, x := range m.experts {

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"slices"
 	"testing"
 
 	"github.com/nats-io/nats.go"
@@ -12,11 +13,12 @@ import (
 // network; parseStage refuses them with an error or returns a job whose
 // fields hold what the forward pass relies on.
 func FuzzParseStage(f *testing.F) {
-	f.Add("r1", "stories260k", "0", "0:3", "prefill", "", wire.AppendI32(nil, []int32{1, 403, 407}))
-	f.Add("r1", "stories260k", "5", "3:5", "recompute", "all", wire.AppendF32(nil, 2, 4, []float32{1, 2, 3, 4, 5, 6, 7, 8}))
-	f.Add("r1", "m", "1", "0:2", "decode", "", wire.AppendI32(nil, []int32{7}))
-	f.Add("r.1", "m", "-1", "2:1", "n2:x", "", []byte{0xff})
-	f.Fuzz(func(t *testing.T, request, model, pos, rng, phase, logits string, data []byte) {
+	f.Add("r1", "stories260k", "0", "0:3", "prefill", "", "", "", "", wire.AppendI32(nil, []int32{1, 403, 407}))
+	f.Add("r1", "stories260k", "5", "3:5", "recompute", "all", "", "", "", wire.AppendF32(nil, 2, 4, []float32{1, 2, 3, 4, 5, 6, 7, 8}))
+	f.Add("r1", "m", "1", "0:2", "decode", "", "0,1", "", "", wire.AppendI32(nil, []int32{7}))
+	f.Add("r1", "m", "1", "0:2", "decode", "", "0,1", wire.OpResume, "1", wire.AppendF32(nil, 1, 2, []float32{1, 2}))
+	f.Add("r.1", "m", "-1", "2:1", "n2:x", "", "1,0", "x", "-1", []byte{0xff})
+	f.Fuzz(func(t *testing.T, request, model, pos, rng, phase, logits, split, op, layer string, data []byte) {
 		msg := nats.NewMsg("tessera.node.n1.stage")
 		msg.Header.Set(wire.HdrRequest, request)
 		msg.Header.Set(wire.HdrModel, model)
@@ -24,9 +26,23 @@ func FuzzParseStage(f *testing.F) {
 		msg.Header.Set(wire.HdrRange, rng)
 		msg.Header.Set(wire.HdrPhase, phase)
 		msg.Header.Set(wire.HdrLogits, logits)
+		msg.Header.Set(wire.HdrSplit, split)
+		msg.Header.Set(wire.HdrOp, op)
+		msg.Header.Set(wire.HdrLayer, layer)
 		msg.Data = data
 		j, err := parseStage(msg)
 		if err != nil {
+			return
+		}
+		for i, l := range j.split {
+			if l < j.first || l >= j.end || (i > 0 && l <= j.split[i-1]) {
+				t.Fatalf("accepted split layers %v for range [%d,%d)", j.split, j.first, j.end)
+			}
+		}
+		if j.resume {
+			if !slices.Contains(j.split, j.layer) || j.sum == nil || j.tokens != nil || j.hidden != nil || len(j.sum)%j.rows != 0 {
+				t.Fatalf("accepted a resume at layer %d of split %v with %d sums for %d rows", j.layer, j.split, len(j.sum), j.rows)
+			}
 			return
 		}
 		if j.rows <= 0 || j.pos < 0 || j.first < 0 || j.end <= j.first {

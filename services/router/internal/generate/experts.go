@@ -37,15 +37,10 @@ func (s *session) splitLayers(hp hop) []int {
 	if groups == 0 {
 		return nil
 	}
-	r, _ := s.e.view.Node(hp.node)
-	have := map[string]bool{}
-	for _, f := range r.Heartbeat.Fragments {
-		have[f] = true
-	}
 	var out []int
 	for l := hp.first; l < hp.end; l++ {
 		for e := 0; e < groups; e++ {
-			if !have[expertFragment(s.req.Model, l, e)] {
+			if !s.e.view.Holds(hp.node, expertFragment(s.req.Model, l, e)) {
 				out = append(out, l)
 				break
 			}
@@ -65,7 +60,7 @@ func (s *session) expertHolders(l, e int, skip map[string]bool) []string {
 			continue
 		}
 		r, ok := s.e.view.Node(a.Node)
-		if !ok || r.State != wire.NodeReady || !slices.Contains(r.Heartbeat.Fragments, frag) {
+		if !ok || r.State != wire.NodeReady || !s.e.view.Holds(a.Node, frag) {
 			continue
 		}
 		out = append(out, a.Node)
@@ -98,12 +93,13 @@ func (s *session) expertHolder(l, e int, skip map[string]bool) (string, bool) {
 	return best, true
 }
 
-// checkExperts reports an unavailable error when a split layer of the
-// route has an expert group that no live node holds.
-func (s *session) checkExperts(route []hop) error {
+// checkExperts reports an unavailable error when a split layer of a route
+// (splits: each hop's split layers) has an expert group that no live node
+// holds.
+func (s *session) checkExperts(splits [][]int) error {
 	groups := s.model.Manifest.ExpertGroups()
-	for _, hp := range route {
-		for _, l := range s.splitLayers(hp) {
+	for _, split := range splits {
+		for _, l := range split {
 			for e := 0; e < groups; e++ {
 				if len(s.expertHolders(l, e, nil)) == 0 {
 					return fmt.Errorf("%w: no live node holds expert %d of layer %d of %s", ErrUnavailable, e, l, s.req.Model)

@@ -280,8 +280,10 @@ type session struct {
 	done       int // tokens the route's caches hold
 	recomputed int
 	failovers  int
-	// experts is the node picked for each (layer, expert) of split layers.
+	// experts is the node picked for each (layer, expert) of split layers;
+	// splits are the split layers of each hop of the route.
 	experts map[[2]int]string
+	splits  [][]int
 }
 
 // step sends the tokens the route has not seen and returns the logits of
@@ -365,7 +367,7 @@ func (s *session) send(ctx context.Context) ([]float32, string, error) {
 		h.Set(wire.HdrPos, strconv.Itoa(s.done))
 		h.Set(wire.HdrRange, fmt.Sprintf("%d:%d", hp.first, hp.end))
 		h.Set(wire.HdrPhase, phase)
-		split := s.splitLayers(hp)
+		split := s.splits[i]
 		if len(split) > 0 {
 			h.Set(wire.HdrSplit, joinInts(split))
 		}

@@ -139,10 +139,14 @@ func (s *session) pickRoute() error {
 		stages = append(stages, sc)
 	}
 	route, _ := chooseRoute(stages, s.e.costs)
-	if err := s.checkExperts(route); err != nil {
+	splits := make([][]int, len(route))
+	for i, hp := range route {
+		splits[i] = s.splitLayers(hp)
+	}
+	if err := s.checkExperts(splits); err != nil {
 		return err
 	}
-	s.experts = nil
+	s.experts, s.splits = nil, splits
 	for _, hp := range s.route {
 		s.e.health.releaseNode(hp.node)
 	}

@@ -39,12 +39,14 @@ type View struct {
 	models map[string]*Model
 	plans  map[string]*wire.Plan
 	nodes  map[string]wire.NodeRecord
-	ready  chan struct{}
+	// frags is each live node's loaded fragments ("model/fragment"), as a set.
+	frags map[string]map[string]bool
+	ready chan struct{}
 }
 
 // New returns a view; Run keeps it current.
 func New(b *bus.Conn, log *slog.Logger) *View {
-	return &View{bus: b, log: log, models: map[string]*Model{}, plans: map[string]*wire.Plan{}, nodes: map[string]wire.NodeRecord{}, ready: make(chan struct{})}
+	return &View{bus: b, log: log, models: map[string]*Model{}, plans: map[string]*wire.Plan{}, nodes: map[string]wire.NodeRecord{}, frags: map[string]map[string]bool{}, ready: make(chan struct{})}
 }
 
 // Run watches models, plans and nodes until ctx ends.
@@ -142,6 +144,7 @@ func (v *View) apply(ctx context.Context, bucket string, e jetstream.KeyValueEnt
 		defer v.mu.Unlock()
 		if del {
 			delete(v.nodes, e.Key())
+			delete(v.frags, e.Key())
 			return
 		}
 		var r wire.NodeRecord
@@ -150,6 +153,11 @@ func (v *View) apply(ctx context.Context, bucket string, e jetstream.KeyValueEnt
 			return
 		}
 		v.nodes[e.Key()] = r
+		set := make(map[string]bool, len(r.Heartbeat.Fragments))
+		for _, f := range r.Heartbeat.Fragments {
+			set[f] = true
+		}
+		v.frags[e.Key()] = set
 	}
 }
 
@@ -205,4 +213,12 @@ func (v *View) Nodes() []wire.NodeRecord {
 		out = append(out, r)
 	}
 	return out
+}
+
+// Holds reports whether the live node reports fragment ("model/fragment")
+// loaded.
+func (v *View) Holds(node, fragment string) bool {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return v.frags[node][fragment]
 }
