@@ -35,6 +35,9 @@ func SpreadExperts(pl *Placement, experts, spread int, load [][]int64) {
 		members := groups[k]
 		shards := min(spread, len(members), experts)
 		if shards < 2 {
+			for _, i := range members {
+				pl.Assignments[i].Experts = nil
+			}
 			continue
 		}
 		cut := ExpertShards(experts, shards, k[0], k[1], load)

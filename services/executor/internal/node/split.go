@@ -128,7 +128,6 @@ func (n *Node) pauseAt(layer int, pass *compute.Pass, man wire.ModelManifest, ba
 		sessions[i].cacheBytes.Store(sessions[i].cache.Bytes())
 		took := elapsed * time.Duration(rows) / time.Duration(pass.Rows)
 		sessions[i].account(j, took, man, w)
-		n.metrics.stageDone(j, took)
 		if j.msg.Reply != "" {
 			out := nats.NewMsg(j.msg.Reply)
 			out.Header.Set(wire.HdrNode, n.opts.ID)
