@@ -36,7 +36,7 @@ var moeTestConfig = wire.ModelConfig{Dim: 64, HiddenDim: 96, Layers: 4, Heads: 4
 // startExpertGrid runs n executors whose planner spreads each layer's
 // experts over spread of them, imports ck as model id (fragments as opts
 // says) and waits until every node holds its experts.
-func startExpertGrid(t *testing.T, n, spread int, models map[string]*expertModel) (*local.Grid, string) {
+func startExpertGrid(t testing.TB, n, spread int, models map[string]*expertModel) (*local.Grid, string) {
 	t.Helper()
 	o := testOptions(t)
 	o.Executors = n
@@ -91,7 +91,7 @@ type expertModel struct {
 
 // waitExpertsLoaded waits for a plan of model id over n nodes that spreads
 // its experts, and for every node to report the fragments it assigns.
-func waitExpertsLoaded(t *testing.T, g *local.Grid, id string, n, groups int) wire.Plan {
+func waitExpertsLoaded(t testing.TB, g *local.Grid, id string, n, groups int) wire.Plan {
 	t.Helper()
 	return waitPlan(t, g, id, n, func(a wire.Assignment, r wire.NodeRecord) error {
 		if len(a.Experts) == 0 || len(a.Experts) == groups {
@@ -199,7 +199,7 @@ type expertCall struct {
 }
 
 // watchTraffic subscribes to every subject of the grid.
-func watchTraffic(t *testing.T, g *local.Grid, dim, vocab, groups int) *traffic {
+func watchTraffic(t testing.TB, g *local.Grid, dim, vocab, groups int) *traffic {
 	t.Helper()
 	tr := &traffic{stages: map[string][]string{}}
 	sub, err := g.Admin.NC.Subscribe(">", func(m *nats.Msg) {
@@ -326,7 +326,7 @@ func referenceStage(ck *model.Checkpoint, opts model.FragmentOptions, pool *comp
 }
 
 // demoTokenizer returns the demo model's tokenizer file and prompt ids.
-func demoTokenizer(t *testing.T, vocab int) ([]byte, []int) {
+func demoTokenizer(t testing.TB, vocab int) ([]byte, []int) {
 	t.Helper()
 	_, tp, err := testmodel.Paths()
 	if err != nil {
@@ -344,7 +344,7 @@ func demoTokenizer(t *testing.T, vocab int) ([]byte, []int) {
 }
 
 // completeGreedy asks the grid for a greedy completion of the demo prompt.
-func completeGreedy(t *testing.T, base, id string, tokens int) wire.CompletionResponse {
+func completeGreedy(t testing.TB, base, id string, tokens int) wire.CompletionResponse {
 	t.Helper()
 	code, b := post(t, base+"/v1/completions", fmt.Sprintf(`{"model":%q,"prompt":%q,"max_tokens":%d,"temperature":0}`, id, testmodel.Prompt, tokens))
 	if code != http.StatusOK {
@@ -474,7 +474,7 @@ func groupedStage(ck *model.Checkpoint, grp *model.FFNGrouping, pool *compute.Po
 
 // usageOf returns the usage events of request in stream USAGE, waiting
 // until the stage with the head and every node in experts has published.
-func usageOf(t *testing.T, g *local.Grid, request string, experts []string) []wire.UsageEvent {
+func usageOf(t testing.TB, g *local.Grid, request string, experts []string) []wire.UsageEvent {
 	t.Helper()
 	ctx := context.Background()
 	st, err := g.Admin.JS.Stream(ctx, subjects.StreamUsage)
@@ -545,13 +545,11 @@ func (tr *traffic) contacted(request string) []string {
 	return out
 }
 
-// The demo model with each FFN cut into 4 neuron groups, one group per
-// executor: with all 4 groups active the grid gives llama2.c's greedy
-// output exactly; with 2 active each row reaches only the executors of
-// the groups its predictor chose (as in one process), and the executors'
-// usage events bill half the groups' FLOPs and fewer messages.
-func TestSelectiveGroupsOnTheGrid(t *testing.T) {
-	const groups, steps = 4, 16
+// groupedDemoModels returns the demo model and two expert models of it
+// with each FFN cut into groups neuron groups (fitted on the model's own
+// text): all, with every group active, and two, with 2 active.
+func groupedDemoModels(t testing.TB, groups int, all, two string) (*model.Checkpoint, map[string]*expertModel) {
+	t.Helper()
 	cp, _, err := testmodel.Paths()
 	if err != nil {
 		t.Fatal(err)
@@ -561,22 +559,34 @@ func TestSelectiveGroupsOnTheGrid(t *testing.T) {
 		t.Fatal(err)
 	}
 	pool := compute.NewPool(1)
+	defer pool.Close()
 	calib, err := compute.CalibrationSequences(ck, 4, 64, pool)
 	if err != nil {
 		t.Fatal(err)
 	}
-	all, err := compute.FitGrouping(ck, calib, groups, groups, pool)
-	pool.Close()
+	every, err := compute.FitGrouping(ck, calib, groups, groups, pool)
 	if err != nil {
 		t.Fatal(err)
 	}
-	two := *all
-	two.TopK = 2
-	tb, prompt := demoTokenizer(t, ck.Config.Vocab)
-	models := map[string]*expertModel{
-		"stories-k4": {ck: ck, tok: tb, opts: model.FragmentOptions{Grouping: all}, groups: groups},
-		"stories-k2": {ck: ck, tok: tb, opts: model.FragmentOptions{Grouping: &two}, groups: groups},
+	some := *every
+	some.TopK = 2
+	tb, _ := demoTokenizer(t, ck.Config.Vocab)
+	return ck, map[string]*expertModel{
+		all: {ck: ck, tok: tb, opts: model.FragmentOptions{Grouping: every}, groups: groups},
+		two: {ck: ck, tok: tb, opts: model.FragmentOptions{Grouping: &some}, groups: groups},
 	}
+}
+
+// The demo model with each FFN cut into 4 neuron groups, one group per
+// executor: with all 4 groups active the grid gives llama2.c's greedy
+// output exactly; with 2 active each row reaches only the executors of
+// the groups its predictor chose (as in one process), and the executors'
+// usage events bill half the groups' FLOPs and fewer messages.
+func TestSelectiveGroupsOnTheGrid(t *testing.T) {
+	const groups, steps = 4, 16
+	ck, models := groupedDemoModels(t, groups, "stories-k4", "stories-k2")
+	two := models["stories-k2"].opts.Grouping
+	_, prompt := demoTokenizer(t, ck.Config.Vocab)
 	g, base := startExpertGrid(t, groups, groups, models)
 	tr := watchTraffic(t, g, ck.Config.Dim, ck.Config.Vocab, groups)
 
@@ -589,7 +599,7 @@ func TestSelectiveGroupsOnTheGrid(t *testing.T) {
 	}
 
 	// The same number of tokens at k=4 and k=2, to compare their bills.
-	ref := runReference(t, ck, model.FragmentOptions{Grouping: &two}, prompt, steps)
+	ref := runReference(t, ck, model.FragmentOptions{Grouping: two}, prompt, steps)
 	sel := completeGreedy(t, base, "stories-k2", steps)
 	if !slices.Equal(sel.Tokens, ref.tokens) {
 		t.Fatalf("k=2 grid tokens %v, single process %v", sel.Tokens, ref.tokens)

@@ -27,7 +27,7 @@ import (
 
 // testOptions returns the services' defaults for a grid in a temporary
 // directory on a free port, without settlement.
-func testOptions(t *testing.T) local.Options {
+func testOptions(t testing.TB) local.Options {
 	o, err := local.Defaults(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -113,7 +113,7 @@ func waitPlanLoaded(t *testing.T, g *local.Grid, n int) wire.Plan {
 
 // waitPlan waits for a plan of model id over n nodes in which every
 // assignment passes loaded, given the node's live record.
-func waitPlan(t *testing.T, g *local.Grid, id string, n int, loaded func(wire.Assignment, wire.NodeRecord) error) wire.Plan {
+func waitPlan(t testing.TB, g *local.Grid, id string, n int, loaded func(wire.Assignment, wire.NodeRecord) error) wire.Plan {
 	t.Helper()
 	ctx := context.Background()
 	plans, _ := g.Admin.JS.KeyValue(ctx, subjects.BucketPlans)
@@ -146,7 +146,7 @@ func waitPlan(t *testing.T, g *local.Grid, id string, n int, loaded func(wire.As
 	return plan
 }
 
-func post(t *testing.T, url, body string, hdr ...string) (int, []byte) {
+func post(t testing.TB, url, body string, hdr ...string) (int, []byte) {
 	t.Helper()
 	req, err := http.NewRequest(http.MethodPost, url, strings.NewReader(body))
 	if err != nil {

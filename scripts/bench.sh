@@ -2,7 +2,7 @@
 # bench.sh: every benchmark (what `make bench` runs). Figures go to
 # bench/results.json (TESSERA_BENCH_RESULTS); BENCHMARKS.md explains each
 # one and records a run. Parts can be chosen: BENCH_ONLY="runtime planner"
-# (runtime, planner, registry, settlement, router, selective).
+# (runtime, planner, registry, settlement, router, selective, experts).
 #
 # The model-runtime part compares with llama.cpp and llama2.c when
 # LLAMA_CPP_DIR and LLAMA2C_DIR name checkouts of them (never committed
@@ -11,7 +11,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 export TESSERA_BENCH_RESULTS=${TESSERA_BENCH_RESULTS:-$root/bench/results.json}
 mkdir -p "$(dirname "$TESSERA_BENCH_RESULTS")"
-only=${BENCH_ONLY:-runtime planner registry settlement router selective}
+only=${BENCH_ONLY:-runtime planner registry settlement router selective experts}
 want() { [[ " $only " == *" $1 "* ]]; }
 cd "$root"
 
@@ -41,6 +41,10 @@ if want selective; then
 		echo "== selective activation: stories260k, G=4, k=1..4"
 		scripts/bench-selective.sh
 	fi
+fi
+if want experts; then
+	echo "== selective activation on the grid: stories260k, 4 neuron groups on 4 executors, k=4 and k=2, against the whole model"
+	go test ./e2e -run '^$' -bench '^BenchmarkGridSelective$' -benchtime 1x -timeout 20m
 fi
 echo
 echo "Figures in $TESSERA_BENCH_RESULTS:"
