@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"time"
@@ -67,12 +68,14 @@ func (n *Node) onExpert(msg *nats.Msg) {
 		err = n.decodeExpert(j)
 	}
 	if err != nil {
-		if er, ok := err.(*errReply); ok && er.code != wire.ErrCodeBadRequest {
-			n.respondError(msg.Reply, msg.Header.Get(wire.HdrRequest), err)
-			return
+		var er *errReply
+		if !errors.As(err, &er) {
+			er = &errReply{code: wire.ErrCodeBadRequest, err: err}
 		}
-		n.deadLetter(msg, "bad_expert_request", err)
-		n.respondError(msg.Reply, msg.Header.Get(wire.HdrRequest), replyErr(wire.ErrCodeBadRequest, "%v", err))
+		if er.code == wire.ErrCodeBadRequest {
+			n.deadLetter(msg, "bad_expert_request", er.err)
+		}
+		n.respondError(msg.Reply, msg.Header.Get(wire.HdrRequest), er)
 		return
 	}
 	ctx := telemetry.Extract(context.Background(), msg)
@@ -99,7 +102,7 @@ func (n *Node) decodeExpert(j *expertJob) error {
 	}
 	groups := m.manifest.ExpertGroups()
 	if groups == 0 || j.layer >= m.manifest.Config.Layers {
-		return replyErr(wire.ErrCodeBadRequest, "model %s has no expert %d-th layer", j.model, j.layer)
+		return replyErr(wire.ErrCodeBadRequest, "model %s has no layer %d with expert groups", j.model, j.layer)
 	}
 	r, err := wire.DecodeRouted(j.msg.Data, m.manifest.Config.Dim, groups)
 	if err != nil {
