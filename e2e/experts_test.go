@@ -73,7 +73,7 @@ func startExpertGrid(t testing.TB, n, spread int, models map[string]*expertModel
 		t.Fatal(err)
 	}
 	for id, m := range models {
-		m.plan = waitExpertsLoaded(t, g, id, n, m.groups)
+		m.plan = waitExpertsLoaded(t, g, id, n, spread, m.groups)
 	}
 	return g, "http://" + addr
 }
@@ -90,15 +90,22 @@ type expertModel struct {
 }
 
 // waitExpertsLoaded waits for a plan of model id over n nodes that spreads
-// its experts, and for every node to report the fragments it assigns.
-func waitExpertsLoaded(t testing.TB, g *local.Grid, id string, n, groups int) wire.Plan {
+// its experts (when spread is above 1), and for every node to report the
+// fragments it assigns.
+func waitExpertsLoaded(t testing.TB, g *local.Grid, id string, n, spread, groups int) wire.Plan {
 	t.Helper()
 	return waitPlan(t, g, id, n, func(a wire.Assignment, r wire.NodeRecord) error {
-		if len(a.Experts) == 0 || len(a.Experts) == groups {
+		if spread > 1 && (len(a.Experts) == 0 || len(a.Experts) == groups) {
 			return fmt.Errorf("node %s holds experts %v: not spread", a.Node, a.Experts)
 		}
+		held := a.Experts
+		if len(held) == 0 {
+			for e := 0; e < groups; e++ {
+				held = append(held, e)
+			}
+		}
 		for l := a.First; l < a.End; l++ {
-			for _, x := range a.Experts {
+			for _, x := range held {
 				if f := id + "/" + model.ExpertFragment(l, x); !slices.Contains(r.Heartbeat.Fragments, f) {
 					return fmt.Errorf("node %s has not loaded %s yet", a.Node, f)
 				}
@@ -617,6 +624,28 @@ func TestSelectiveGroupsOnTheGrid(t *testing.T) {
 	}
 	if sFLOPs >= fFLOPs || sMsgs >= fMsgs {
 		t.Errorf("k=2 billed %d FLOPs and %d messages, k=4 %d and %d: selective must cost less", sFLOPs, sMsgs, fFLOPs, fMsgs)
+	}
+}
+
+// Experts not spread: every executor holds all experts of its layers and
+// runs each layer whole (its experts loaded from their own fragments), with
+// the single-process tokens and no expert request.
+func TestMoEWholeOnEachExecutor(t *testing.T) {
+	const id, steps = "moe-whole", 8
+	ck, err := model.Synthesize(moeTestConfig, 42)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, prompt := demoTokenizer(t, moeTestConfig.Vocab)
+	g, base := startExpertGrid(t, 2, 0, map[string]*expertModel{id: {ck: ck, tok: tb, groups: moeTestConfig.Experts}})
+	ref := runReference(t, ck, model.FragmentOptions{}, prompt, steps)
+	tr := watchTraffic(t, g, moeTestConfig.Dim, moeTestConfig.Vocab, moeTestConfig.Experts)
+	res := completeGreedy(t, base, id, steps)
+	if !slices.Equal(res.Tokens, ref.tokens) {
+		t.Fatalf("grid tokens %v, single process %v", res.Tokens, ref.tokens)
+	}
+	if c := tr.contacted(res.ID); len(c) != 0 {
+		t.Fatalf("expert requests went to %v although every stage holds all experts", c)
 	}
 }
 
