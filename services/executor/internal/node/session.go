@@ -148,6 +148,10 @@ func (se *session) account(j *job, took time.Duration, man wire.ModelManifest, w
 	u.LayerTokens += rows * int64(w.whole+w.trunks)
 	u.Messages++
 	perLayer := (model.FLOPsPerToken(cfg) - 2*int64(cfg.Vocab)*int64(cfg.Dim)) / int64(cfg.Layers)
+	if groups := man.ExpertGroups(); groups > 0 && cfg.Experts == 0 {
+		// A dense FFN cut into groups computes only its active groups.
+		perLayer = trunkFLOPs(cfg, groups) + int64(compute.ActiveExperts(cfg))*6*int64(cfg.Dim)*int64(cfg.HiddenDim/groups)
+	}
 	u.FLOPs += rows * (int64(w.whole)*perLayer + int64(w.trunks)*trunkFLOPs(cfg, man.ExpertGroups()))
 	if head {
 		logitRows := int64(1)
