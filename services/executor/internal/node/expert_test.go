@@ -161,12 +161,24 @@ func TestExpertRequests(t *testing.T) {
 	}
 	var u wire.UsageEvent
 	bustest.CheckFor(t, 10*time.Second, 10*time.Millisecond, func() error {
-		m, err := usage.GetLastMsgForSubject(ctx, subjects.UsageNode("x"))
+		info, err := usage.Info(ctx)
 		if err != nil {
 			return err
 		}
-		return json.Unmarshal(m.Data, &u)
+		for seq := uint64(1); seq <= info.State.LastSeq; seq++ {
+			m, err := usage.GetMsg(ctx, seq)
+			if err != nil {
+				return err
+			}
+			if err := json.Unmarshal(m.Data, &u); err == nil && u.Request == "r1" && strings.HasPrefix(u.Fragment, "experts") {
+				return nil
+			}
+		}
+		return fmt.Errorf("no expert usage of r1 among %d events", info.State.Msgs)
 	})
+	if info, _ := usage.Info(ctx); info.State.Msgs != 1 {
+		t.Errorf("%d usage events: a request refused at every stage message opens no stage session", info.State.Msgs)
+	}
 	if flops := int64(3 * 6 * cfg.Dim * cfg.HiddenDim); !strings.HasPrefix(u.Fragment, "experts") || u.Messages != 1 || u.FLOPs != flops || u.GeneratedTokens != 0 {
 		t.Fatalf("usage %+v: want experts, 1 message, %d FLOPs, no tokens", u, flops)
 	}

@@ -250,6 +250,11 @@ func (n *Node) runnerFor(j *job) (*runner, error) {
 	if n.draining && n.sessions[key] == nil {
 		return nil, replyErr(wire.ErrCodeDraining, "node %s is draining", n.opts.ID)
 	}
+	if se := n.sessions[key]; j.resume && (se == nil || se.paused == nil) {
+		// Nothing to resume (the node restarted, or the pass was replaced):
+		// the requester re-runs the prefix.
+		return nil, replyErr(wire.ErrCodeKVMiss, "no pass paused at layer %d for request %s", j.layer, j.request)
+	}
 	if err := m.holds(j.first, j.end); err != nil {
 		return nil, replyErr(wire.ErrCodeNotLoaded, "%s: %v", n.opts.ID, err)
 	}
