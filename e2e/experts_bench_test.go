@@ -43,6 +43,7 @@ func BenchmarkGridSelective(b *testing.B) {
 			start := time.Now()
 			res := completeGreedy(b, base, v.id, tokens)
 			wall += time.Since(start)
+			tr.wait(b, res.ID)
 			fl, _, m := usageTotals(usageOf(b, g, res.ID, tr.contacted(res.ID)))
 			msgs, flops, gen = msgs+m, flops+fl, gen+int64(len(res.Tokens))
 		}

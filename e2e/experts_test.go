@@ -195,6 +195,11 @@ type traffic struct {
 	logits  [][]float32
 	// stages are the nodes that got stage requests, per request.
 	stages map[string][]string
+	// released are the requests whose release went out. The router sends
+	// it after all of a request's messages, and one server hands a
+	// subscriber the messages in the order it took them in: once a release
+	// is seen, so is everything of its request.
+	released map[string]bool
 }
 
 // expertCall is one expert request as its node received it.
@@ -208,10 +213,17 @@ type expertCall struct {
 // watchTraffic subscribes to every subject of the grid.
 func watchTraffic(t testing.TB, g *local.Grid, dim, vocab, groups int) *traffic {
 	t.Helper()
-	tr := &traffic{stages: map[string][]string{}}
+	tr := &traffic{stages: map[string][]string{}, released: map[string]bool{}}
 	sub, err := g.Admin.NC.Subscribe(">", func(m *nats.Msg) {
 		tr.mu.Lock()
 		defer tr.mu.Unlock()
+		if m.Subject == subjects.SessionRelease {
+			var c wire.Control
+			if wire.Decode(m.Data, &c) == nil {
+				tr.released[c.Request] = true
+			}
+			return
+		}
 		if node, ok := strings.CutSuffix(strings.TrimPrefix(m.Subject, subjects.Root+".node."), ".stage"); ok && m.Subject == subjects.Stage(node) {
 			req := m.Header.Get(wire.HdrRequest)
 			if !slices.Contains(tr.stages[req], node) {
@@ -239,7 +251,24 @@ func watchTraffic(t testing.TB, g *local.Grid, dim, vocab, groups int) *traffic 
 	}
 	sub.SetPendingLimits(-1, -1)
 	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	// The server has the subscription before any request starts.
+	if err := g.Admin.NC.Flush(); err != nil {
+		t.Fatal(err)
+	}
 	return tr
+}
+
+// wait waits until everything of request has been seen (its release).
+func (tr *traffic) wait(t testing.TB, request string) {
+	t.Helper()
+	bustest.CheckFor(t, 10*time.Second, 5*time.Millisecond, func() error {
+		tr.mu.Lock()
+		defer tr.mu.Unlock()
+		if !tr.released[request] {
+			return fmt.Errorf("request %s not released yet", request)
+		}
+		return nil
+	})
 }
 
 // routedTo checks every expert request of request against the reference:
@@ -390,6 +419,7 @@ func TestMoEExpertsSpreadOverThreeExecutors(t *testing.T) {
 	if !slices.Equal(res.Tokens, ref.tokens) {
 		t.Fatalf("grid tokens %v, single process %v", res.Tokens, ref.tokens)
 	}
+	tr.wait(t, res.ID)
 	tr.mu.Lock()
 	logits := tr.logits
 	tr.mu.Unlock()
@@ -612,8 +642,10 @@ func TestSelectiveGroupsOnTheGrid(t *testing.T) {
 		t.Fatalf("k=2 grid tokens %v, single process %v", sel.Tokens, ref.tokens)
 	}
 	holders := holderOf(models["stories-k2"].plan)
+	tr.wait(t, sel.ID)
 	reachedExactly(t, tr.routedTo(t, sel.ID, ref, holders), ref, holders)
 	full := completeGreedy(t, base, "stories-k4", steps)
+	tr.wait(t, full.ID)
 	fullUse := usageOf(t, g, full.ID, tr.contacted(full.ID))
 	selUse := usageOf(t, g, sel.ID, tr.contacted(sel.ID))
 	fFLOPs, fExpert, fMsgs := usageTotals(fullUse)
@@ -644,6 +676,7 @@ func TestMoEWholeOnEachExecutor(t *testing.T) {
 	if !slices.Equal(res.Tokens, ref.tokens) {
 		t.Fatalf("grid tokens %v, single process %v", res.Tokens, ref.tokens)
 	}
+	tr.wait(t, res.ID)
 	if c := tr.contacted(res.ID); len(c) != 0 {
 		t.Fatalf("expert requests went to %v although every stage holds all experts", c)
 	}
@@ -696,6 +729,7 @@ func TestExpertHolderFailsOver(t *testing.T) {
 	if !slices.Equal(res.Tokens, ref.tokens) {
 		t.Fatalf("tokens after losing %s: %v, single process %v", victim, res.Tokens, ref.tokens)
 	}
+	tr.wait(t, res.ID)
 	if c := tr.contacted(res.ID); !slices.Contains(c, spare) {
 		t.Fatalf("the spare holder %s of %s's experts got no expert request (contacted %v)", spare, victim, c)
 	}
