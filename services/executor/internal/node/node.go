@@ -166,6 +166,12 @@ func (n *Node) Run(ctx context.Context) error {
 	n.stopRunners()
 	wg.Wait()
 	n.releaseAll("executor stopping")
+	// What earlier releases could not publish gets a last chance, so that a
+	// node stopped in good order leaves nothing in its spool if it can help
+	// it (what stays is published at the next start).
+	fctx, cancel := context.WithTimeout(context.Background(), n.opts.PublishTimeout)
+	defer cancel()
+	n.replay(fctx, 0)
 	return nil
 }
 

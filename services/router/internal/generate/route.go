@@ -101,6 +101,12 @@ func chooseRoute(stages []stageCandidates, costs RouteCosts) ([]hop, float64) {
 	return route, total
 }
 
+// errHealing means a stage of the plan has no replica to run it now: they
+// left, are busy loading, or failed moments ago. The registry and planner
+// react to that (a node back from back-off, a re-plan), so the request
+// waits for a while before it fails.
+var errHealing = fmt.Errorf("%w", ErrUnavailable)
+
 // pickRoute chooses the route for the request's remaining tokens over the
 // current plan's live replicas that hold each stage, have room for the
 // request's KV cache and are not backed off after a failure.
@@ -119,22 +125,31 @@ func (s *session) pickRoute() error {
 	stages := make([]stageCandidates, 0, len(s.plan.Stages))
 	for _, st := range s.plan.Stages {
 		sc := stageCandidates{first: st.First, end: st.End}
+		backedOff := 0
 		for _, id := range st.Replicas {
 			r, ok := s.e.view.Node(id)
-			if !ok || r.State != wire.NodeReady || !holds(r, s.req.Model, st.First, st.End, s.plan.Layers) || s.e.health.backedOff(id) {
+			if !ok || r.State != wire.NodeReady || !holds(r, s.req.Model, st.First, st.End, s.plan.Layers) {
 				continue
 			}
 			if r.Heartbeat.KVTokensFree > 0 && r.Heartbeat.KVTokensFree < need {
 				continue
 			}
-			sc.cands = append(sc.cands, candidate{
+			c := candidate{
 				node: id, region: r.Heartbeat.Region,
 				layerSec: layerSeconds(r, m.Manifest, s.e.costs.DefaultLayerTime),
 				load:     float64(r.Heartbeat.QueueDepth + s.e.health.inflight(id)),
-			})
+			}
+			if s.e.health.backedOff(id, r.JoinedAt) {
+				backedOff++
+				continue
+			}
+			sc.cands = append(sc.cands, c)
+		}
+		if len(sc.cands) == 0 && backedOff > 0 {
+			return fmt.Errorf("%w: every replica holding layers [%d,%d) of %s failed moments ago", errHealing, st.First, st.End, s.req.Model)
 		}
 		if len(sc.cands) == 0 {
-			return fmt.Errorf("%w: no live replica with room holds layers [%d,%d) of %s", ErrUnavailable, st.First, st.End, s.req.Model)
+			return fmt.Errorf("%w: no live replica with room holds layers [%d,%d) of %s", errHealing, st.First, st.End, s.req.Model)
 		}
 		stages = append(stages, sc)
 	}
