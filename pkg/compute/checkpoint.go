@@ -1,6 +1,8 @@
 package compute
 
 import (
+	"fmt"
+
 	"github.com/tessera-grid/tessera/pkg/model"
 	"github.com/tessera-grid/tessera/pkg/wire"
 )
@@ -32,7 +34,7 @@ func StageFromCheckpoint(ck *model.Checkpoint, first, end int, pool *Pool) (*Sta
 	}
 	var emb *Embedding
 	if first == 0 {
-		emb = &Embedding{Table: ck.TokenEmbedding}
+		emb = &Embedding{Table: NewMatrixF32(c.Vocab, c.Dim, ck.TokenEmbedding)}
 	}
 	var head *Head
 	if end == c.Layers {
@@ -41,8 +43,29 @@ func StageFromCheckpoint(ck *model.Checkpoint, first, end int, pool *Pool) (*Sta
 	return NewStage(c, first, end, emb, layers, head, pool)
 }
 
+// matrixFromFragment builds the named matrix of f in whatever dtype the
+// fragment stores it, over the fragment's memory (no copy).
+func matrixFromFragment(f *model.Fragment, name string, rows, cols int) (*Matrix, error) {
+	t, raw, err := f.Tensor(name)
+	if err != nil {
+		return nil, err
+	}
+	if len(t.Shape) != 2 || t.Shape[0] != rows || t.Shape[1] != cols {
+		return nil, fmt.Errorf("fragment %s tensor %s has shape %v, want [%d %d]", f.Manifest.Fragment, name, t.Shape, rows, cols)
+	}
+	dt, err := ParseDType(t.DType)
+	if err != nil {
+		return nil, fmt.Errorf("fragment %s tensor %s: %w", f.Manifest.Fragment, name, err)
+	}
+	m, err := NewMatrix(rows, cols, dt, raw)
+	if err != nil {
+		return nil, fmt.Errorf("fragment %s tensor %s: %w", f.Manifest.Fragment, name, err)
+	}
+	return m, nil
+}
+
 // LayerFromFragment builds layer weights from a decoded layer fragment;
-// the matrices alias the fragment's memory.
+// the matrices alias the fragment's memory, in the dtype it stores.
 func LayerFromFragment(c wire.ModelConfig, f *model.Fragment) (*Layer, error) {
 	d, kv, h := c.Dim, KVDim(c), c.HiddenDim
 	l := &Layer{}
@@ -59,12 +82,9 @@ func LayerFromFragment(c wire.ModelConfig, f *model.Fragment) (*Layer, error) {
 		if err != nil {
 			return nil
 		}
-		var v []float32
-		v, err = f.F32(name, rows, cols)
-		if err != nil {
-			return nil
-		}
-		return NewMatrixF32(rows, cols, v)
+		var m *Matrix
+		m, err = matrixFromFragment(f, name, rows, cols)
+		return m
 	}
 	l.AttnNorm = vec("attn_norm", d)
 	l.Wq = mat("wq", d, d)
@@ -83,7 +103,7 @@ func LayerFromFragment(c wire.ModelConfig, f *model.Fragment) (*Layer, error) {
 
 // EmbeddingFromFragment builds the embedding from its fragment.
 func EmbeddingFromFragment(c wire.ModelConfig, f *model.Fragment) (*Embedding, error) {
-	t, err := f.F32("token_embedding", c.Vocab, c.Dim)
+	t, err := matrixFromFragment(f, "token_embedding", c.Vocab, c.Dim)
 	if err != nil {
 		return nil, err
 	}
@@ -96,9 +116,9 @@ func HeadFromFragment(c wire.ModelConfig, f *model.Fragment) (*Head, error) {
 	if err != nil {
 		return nil, err
 	}
-	w, err := f.F32("classifier", c.Vocab, c.Dim)
+	w, err := matrixFromFragment(f, "classifier", c.Vocab, c.Dim)
 	if err != nil {
 		return nil, err
 	}
-	return &Head{Norm: n, Classifier: NewMatrixF32(c.Vocab, c.Dim, w)}, nil
+	return &Head{Norm: n, Classifier: w}, nil
 }

@@ -70,14 +70,21 @@ func (p *pipeline) step(t testing.TB, pos int, toks []int) []float32 {
 func TestGreedyMatchesReference(t *testing.T) {
 	ck, _ := loadDemo(t)
 	for _, tc := range []struct {
-		name string
-		cuts []int
+		name     string
+		cuts     []int
+		portable bool
 	}{
-		{"one stage", nil},
-		{"three stages", []int{2, 4}},
-		{"five stages", []int{1, 2, 3, 4}},
+		{"one stage", nil, false},
+		{"three stages", []int{2, 4}, false},
+		{"five stages", []int{1, 2, 3, 4}, false},
+		{"portable kernels", nil, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			if tc.portable {
+				saved := simd
+				simd.avx2 = false
+				defer func() { simd = saved }()
+			}
 			p := newPipeline(t, ck, tc.cuts...)
 			logits := p.step(t, 0, testmodel.PromptIDs)
 			pos := len(testmodel.PromptIDs)

@@ -21,9 +21,10 @@ type Layer struct {
 	W3       *Matrix // hidden × dim (up)
 }
 
-// Embedding is the token embedding table (vocab × dim, float32).
+// Embedding is the token embedding table (vocab × dim); quantized tables
+// are expanded one looked-up row at a time.
 type Embedding struct {
-	Table []float32
+	Table *Matrix
 }
 
 // Head is the final norm and the classifier (vocab × dim).
@@ -46,6 +47,8 @@ type Stage struct {
 	pool *Pool
 	rope *ropeTable
 	s    scratch
+	mm   matmulTask
+	att  attentionTask
 }
 
 // Errors returned by Forward.
@@ -66,13 +69,42 @@ func NewStage(cfg wire.ModelConfig, first, end int, embed *Embedding, layers []*
 	if len(layers) != end-first {
 		return nil, fmt.Errorf("stage [%d,%d) given %d layers", first, end, len(layers))
 	}
-	if embed != nil && len(embed.Table) != cfg.Vocab*cfg.Dim {
-		return nil, fmt.Errorf("embedding has %d values, want %d", len(embed.Table), cfg.Vocab*cfg.Dim)
+	if embed != nil && (embed.Table == nil || embed.Table.Rows != cfg.Vocab || embed.Table.Cols != cfg.Dim) {
+		return nil, fmt.Errorf("embedding is not a %d×%d matrix", cfg.Vocab, cfg.Dim)
+	}
+	if err := checkLayers(cfg, layers); err != nil {
+		return nil, err
+	}
+	if head != nil && (head.Classifier == nil || head.Classifier.Rows != cfg.Vocab || head.Classifier.Cols != cfg.Dim || len(head.Norm) != cfg.Dim) {
+		return nil, fmt.Errorf("head is not a %d-wide norm and a %d×%d classifier", cfg.Dim, cfg.Vocab, cfg.Dim)
 	}
 	if pool == nil {
 		pool = NewPool(0)
 	}
 	return &Stage{Config: cfg, First: first, End: end, Embed: embed, Layers: layers, Head: head, pool: pool, rope: newRopeTable(cfg)}, nil
+}
+
+// checkLayers verifies every layer's weights have the model's shapes.
+func checkLayers(cfg wire.ModelConfig, layers []*Layer) error {
+	d, kv, h := cfg.Dim, KVDim(cfg), cfg.HiddenDim
+	for i, l := range layers {
+		if l == nil {
+			return fmt.Errorf("layer %d missing", i)
+		}
+		for _, m := range []struct {
+			name       string
+			w          *Matrix
+			rows, cols int
+		}{{"wq", l.Wq, d, d}, {"wk", l.Wk, kv, d}, {"wv", l.Wv, kv, d}, {"wo", l.Wo, d, d}, {"w1", l.W1, h, d}, {"w2", l.W2, d, h}, {"w3", l.W3, h, d}} {
+			if m.w == nil || m.w.Rows != m.rows || m.w.Cols != m.cols {
+				return fmt.Errorf("layer %d: %s is not %d×%d", i, m.name, m.rows, m.cols)
+			}
+		}
+		if len(l.AttnNorm) != d || len(l.FFNNorm) != d {
+			return fmt.Errorf("layer %d: norms are not %d wide", i, d)
+		}
+	}
+	return nil
 }
 
 // Item is one request's share of a Forward batch.
@@ -100,6 +132,15 @@ type scratch struct {
 	x, xb, xb2, q, k, v, att, h1, h3, logitsIn []float32
 	rowPos                                     []int
 	rowItem                                    []int
+	// xq and xd hold inputs quantized for q8_0 products; tiles are each
+	// worker's expanded weight tiles.
+	xq    []int8
+	xa    []int8
+	xd    []float32
+	tiles [][]float32
+	cache []*Cache
+	// blocks are the first rows of attention blocks, then the row count.
+	blocks []int
 }
 
 func grow(b []float32, n int) []float32 {
@@ -125,6 +166,9 @@ func (s *Stage) Forward(items []*Item) error {
 		if len(s.Layers) > 0 {
 			if it.Cache == nil {
 				return fmt.Errorf("%w: item %d has no cache", ErrInput, i)
+			}
+			if len(it.Cache.k) != len(s.Layers) {
+				return fmt.Errorf("%w: item %d has a cache for %d layers, the stage has %d", ErrInput, i, len(it.Cache.k), len(s.Layers))
 			}
 			if it.Cache.Len() < it.Pos {
 				return fmt.Errorf("%w: item %d starts at %d but the cache holds %d positions", ErrCacheMiss, i, it.Pos, it.Cache.Len())
@@ -166,12 +210,12 @@ func (s *Stage) Forward(items []*Item) error {
 		}
 		if s.Embed != nil {
 			for j, t := range it.Tokens {
-				copy(sc.x[(r+j)*dim:(r+j+1)*dim], s.Embed.Table[int(t)*dim:(int(t)+1)*dim])
+				s.Embed.Table.Row(int(t), sc.x[(r+j)*dim:(r+j+1)*dim])
 			}
 		} else {
 			copy(sc.x[r*dim:(r+it.N)*dim], it.Hidden)
 		}
-		if it.Cache != nil {
+		if it.Cache != nil && len(s.Layers) > 0 {
 			it.Cache.truncate(it.Pos)
 			it.Cache.reserve(it.Pos + it.N)
 		}
@@ -199,72 +243,144 @@ func (s *Stage) Forward(items []*Item) error {
 // layer runs one transformer layer over the batch held in s.s.x.
 func (s *Stage) layer(li int, l *Layer, items []*Item, rows int) {
 	cfg := s.Config
-	dim, kvDim, hs := cfg.Dim, KVDim(cfg), HeadSize(cfg)
+	dim, kvDim := cfg.Dim, KVDim(cfg)
 	sc := &s.s
 	for r := 0; r < rows; r++ {
 		rmsnorm(sc.xb[r*dim:(r+1)*dim], sc.x[r*dim:(r+1)*dim], l.AttnNorm)
 	}
-	matmul(s.pool, sc.q, sc.xb, rows, l.Wq)
-	matmul(s.pool, sc.k, sc.xb, rows, l.Wk)
-	matmul(s.pool, sc.v, sc.xb, rows, l.Wv)
+	s.mm = matmulTask{x: sc.xb, rows: rows, np: 3, parts: [3]mmPart{{sc.q, l.Wq}, {sc.k, l.Wk}, {sc.v, l.Wv}}}
+	s.matmul(&s.mm)
 	for r := 0; r < rows; r++ {
 		s.rope.apply(sc.q[r*dim:(r+1)*dim], sc.rowPos[r])
 		s.rope.apply(sc.k[r*kvDim:(r+1)*kvDim], sc.rowPos[r])
-		c := items[sc.rowItem[r]].Cache
-		copy(c.k[li][sc.rowPos[r]*kvDim:], sc.k[r*kvDim:(r+1)*kvDim])
-		copy(c.v[li][sc.rowPos[r]*kvDim:], sc.v[r*kvDim:(r+1)*kvDim])
+		items[sc.rowItem[r]].Cache.put(li, sc.rowPos[r], sc.k[r*kvDim:(r+1)*kvDim], sc.v[r*kvDim:(r+1)*kvDim])
 	}
-	// Attention: each (row, head) pair is independent.
-	heads := cfg.Heads
-	kvMul := cfg.Heads / cfg.KVHeads
-	maxT := 0
-	for r := 0; r < rows; r++ {
-		maxT = max(maxT, sc.rowPos[r]+1)
-	}
-	scale := float32(1 / math.Sqrt(float64(hs)))
-	workers := s.pool.Workers()
-	sc.att = grow(sc.att, workers*maxT)
-	out := sc.xb2
-	s.pool.ForW(rows*heads, 1, func(w, lo, hi int) {
-		att := sc.att[w*maxT : (w+1)*maxT]
-		for p := lo; p < hi; p++ {
-			r, h := p/heads, p%heads
-			pos := sc.rowPos[r]
-			c := items[sc.rowItem[r]].Cache
-			q := sc.q[r*dim+h*hs : r*dim+(h+1)*hs]
-			kh := (h / kvMul) * hs
-			kc, vc := c.k[li], c.v[li]
-			a := att[:pos+1]
-			for t := range a {
-				a[t] = dot(q, kc[t*kvDim+kh:]) * scale
-			}
-			softmax(a)
-			o := out[r*dim+h*hs : r*dim+(h+1)*hs]
-			clear(o)
-			for t, w := range a {
-				axpy(w, vc[t*kvDim+kh:t*kvDim+kh+hs], o)
-			}
-		}
-	})
-	matmul(s.pool, sc.xb, out, rows, l.Wo)
+	s.attention(li, items, rows)
+	s.mm = matmulTask{x: sc.xb2, rows: rows, np: 1, parts: [3]mmPart{{sc.xb, l.Wo}}}
+	s.matmul(&s.mm)
 	for i := range sc.x[:rows*dim] {
 		sc.x[i] += sc.xb[i]
 	}
-	// Feed-forward (SwiGLU).
-	hid := cfg.HiddenDim
+	s.ffn(l, rows)
+}
+
+// ffn runs the feed-forward block (SwiGLU) and adds it to the residual.
+// It is kept apart from attention: mixture-of-experts layers replace it.
+func (s *Stage) ffn(l *Layer, rows int) {
+	dim, hid := s.Config.Dim, s.Config.HiddenDim
+	sc := &s.s
 	sc.h1 = grow(sc.h1, rows*hid)
 	sc.h3 = grow(sc.h3, rows*hid)
 	for r := 0; r < rows; r++ {
 		rmsnorm(sc.xb[r*dim:(r+1)*dim], sc.x[r*dim:(r+1)*dim], l.FFNNorm)
 	}
-	matmul(s.pool, sc.h1, sc.xb, rows, l.W1)
-	matmul(s.pool, sc.h3, sc.xb, rows, l.W3)
-	for i := range sc.h1[:rows*hid] {
-		sc.h1[i] = silu(sc.h1[i]) * sc.h3[i]
-	}
-	matmul(s.pool, sc.xb, sc.h1, rows, l.W2)
+	s.mm = matmulTask{x: sc.xb, rows: rows, np: 2, swiglu: true, parts: [3]mmPart{{sc.h1, l.W1}, {sc.h3, l.W3}}}
+	s.matmul(&s.mm)
+	s.mm = matmulTask{x: sc.h1, rows: rows, np: 1, parts: [3]mmPart{{sc.xb, l.W2}}}
+	s.matmul(&s.mm)
 	for i := range sc.x[:rows*dim] {
 		sc.x[i] += sc.xb[i]
+	}
+}
+
+// attentionTask computes causal attention for units of (block, head): a
+// block is up to four consecutive rows of one item, whose queries share
+// the keys they read, so that a prompt's attention runs as small matrix
+// products.
+type attentionTask struct {
+	s     *Stage
+	layer int
+	maxT  int
+	scale float32
+}
+
+var _ task = (*attentionTask)(nil)
+
+// attnBlock is the most query rows attention computes together.
+const attnBlock = 4
+
+// attention writes each row's attention output (rows × dim) to s.s.xb2.
+func (s *Stage) attention(li int, items []*Item, rows int) {
+	sc := &s.s
+	maxT := 0
+	for r := 0; r < rows; r++ {
+		maxT = max(maxT, sc.rowPos[r]+1)
+	}
+	sc.att = grow(sc.att, s.pool.Workers()*attnBlock*maxT)
+	sc.cache = sc.cache[:0]
+	sc.blocks = sc.blocks[:0]
+	for r := 0; r < rows; r++ {
+		sc.cache = append(sc.cache, items[sc.rowItem[r]].Cache)
+		if r == 0 || sc.rowItem[r] != sc.rowItem[r-1] || r-sc.blocks[len(sc.blocks)-1] == attnBlock {
+			sc.blocks = append(sc.blocks, r)
+		}
+	}
+	n := len(sc.blocks)
+	sc.blocks = append(sc.blocks, rows)
+	s.att = attentionTask{s: s, layer: li, maxT: maxT, scale: float32(1 / math.Sqrt(float64(HeadSize(s.Config))))}
+	s.pool.run(&s.att, n*s.Config.Heads, 1)
+}
+
+func (t *attentionTask) run(w, lo, hi int) {
+	s := t.s
+	cfg := s.Config
+	dim, hs, heads := cfg.Dim, HeadSize(cfg), cfg.Heads
+	kvMul := cfg.Heads / cfg.KVHeads
+	sc := &s.s
+	att := sc.att[w*attnBlock*t.maxT : (w+1)*attnBlock*t.maxT]
+	for u := lo; u < hi; u++ {
+		b, h := u/heads, u%heads
+		r0, r1 := sc.blocks[b], sc.blocks[b+1]
+		nr := r1 - r0
+		n := sc.rowPos[r1-1] + 1 // keys the block's last row reads
+		kc, vc := sc.cache[r0].head(t.layer, h/kvMul, n)
+		q := sc.q[r0*dim+h*hs:]
+		o := sc.xb2[r0*dim+h*hs:]
+		// Scores: row i of the block reads keys [0, p0+i].
+		p := att[:nr*n]
+		if nr == attnBlock {
+			k := 0
+			for ; k+3 <= n; k += 3 {
+				gemm4x3(p[k:], n, q, dim, kc[k*hs:], hs, hs)
+			}
+			for ; k < n; k++ {
+				for i := 0; i < nr; i++ {
+					p[i*n+k] = dot(q[i*dim:i*dim+hs], kc[k*hs:(k+1)*hs])
+				}
+			}
+		} else {
+			for i := 0; i < nr; i++ {
+				for k := 0; k < n-(nr-1-i); k++ {
+					p[i*n+k] = dot(q[i*dim:i*dim+hs], kc[k*hs:(k+1)*hs])
+				}
+			}
+		}
+		var inv [attnBlock]float32
+		for i := 0; i < nr; i++ {
+			valid := n - (nr - 1 - i)
+			row := p[i*n : (i+1)*n]
+			inv[i] = 1 / expScaled(row[:valid], t.scale)
+			clear(row[valid:])
+		}
+		if nr == attnBlock && simd.avx2 && hs%16 == 0 {
+			attnOut4AVX2(&o[0], dim, &p[0], n, &vc[0], n, hs)
+		} else {
+			for i := 0; i < nr; i++ {
+				oi := o[i*dim : i*dim+hs]
+				clear(oi)
+				for k, wt := range p[i*n : (i+1)*n] {
+					if wt != 0 {
+						axpy(wt, vc[k*hs:(k+1)*hs], oi)
+					}
+				}
+			}
+		}
+		for i := 0; i < nr; i++ {
+			oi := o[i*dim : i*dim+hs]
+			for c := range oi {
+				oi[c] *= inv[i]
+			}
+		}
 	}
 }
 
@@ -296,7 +412,8 @@ func (s *Stage) head(items []*Item, rows int) error {
 		}
 		r += it.N
 	}
-	matmul(s.pool, sc.xb2, sc.logitsIn, n, s.Head.Classifier)
+	s.mm = matmulTask{x: sc.logitsIn, rows: n, np: 1, parts: [3]mmPart{{sc.xb2, s.Head.Classifier}}}
+	s.matmul(&s.mm)
 	k = 0
 	for _, it := range items {
 		m := 1

@@ -182,8 +182,14 @@ func (s *Store) Tokenizer(ctx context.Context, m wire.ModelManifest) (*model.Tok
 }
 
 // ImportCheckpoint reads a llama2.c checkpoint and tokenizer from disk and
-// imports them under id.
+// imports them under id, with float32 weights.
 func (s *Store) ImportCheckpoint(ctx context.Context, id, checkpoint, tokenizer string, progress Progress) (wire.ModelManifest, error) {
+	return s.ImportCheckpointWith(ctx, id, checkpoint, tokenizer, model.FragmentOptions{}, progress)
+}
+
+// ImportCheckpointWith is ImportCheckpoint storing the fragments as opts
+// says (e.g. q8_0 weights).
+func (s *Store) ImportCheckpointWith(ctx context.Context, id, checkpoint, tokenizer string, opts model.FragmentOptions, progress Progress) (wire.ModelManifest, error) {
 	ck, err := model.LoadCheckpoint(checkpoint)
 	if err != nil {
 		return wire.ModelManifest{}, err
@@ -195,7 +201,7 @@ func (s *Store) ImportCheckpoint(ctx context.Context, id, checkpoint, tokenizer 
 	if _, err := model.ParseTokenizer(tokenizer, tb, ck.Config.Vocab); err != nil {
 		return wire.ModelManifest{}, err
 	}
-	blobs, m, err := model.Fragments(id, ck, tb)
+	blobs, m, err := model.Fragments(id, ck, tb, opts)
 	if err != nil {
 		return wire.ModelManifest{}, err
 	}

@@ -155,6 +155,17 @@ func FuzzDecodeFragment(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Add(b)
+	vals := make([]float32, 2*64)
+	for i := range vals {
+		vals[i] = float32(i) / 7
+	}
+	for _, dt := range []string{model.DTypeF16, model.DTypeQ8_0} {
+		b, err := model.EncodeTensors("m", "head", dt, []model.Tensor{{Name: "norm", Shape: []int{4}, Values: vals[:4]}, {Name: "classifier", Shape: []int{2, 64}, Values: vals, DType: dt}})
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		fr, err := model.DecodeFragment("fuzz", data)
 		if err != nil {
@@ -163,6 +174,20 @@ func FuzzDecodeFragment(f *testing.F) {
 		for _, ti := range fr.Manifest.Tensors {
 			_, _, _ = fr.Tensor(ti.Name)
 			_, _ = fr.F32(ti.Name, ti.Shape...)
+			if len(ti.Shape) != 2 || ti.Shape[0] == 0 || ti.Shape[1] == 0 {
+				continue
+			}
+			// Quantized matrices are built over the blob and read back.
+			dt, err := compute.ParseDType(ti.DType)
+			if err != nil {
+				continue
+			}
+			_, raw, _ := fr.Tensor(ti.Name)
+			m, err := compute.NewMatrix(ti.Shape[0], ti.Shape[1], dt, raw)
+			if err != nil {
+				continue
+			}
+			m.Row(ti.Shape[0]-1, make([]float32, ti.Shape[1]))
 		}
 	})
 }

@@ -79,24 +79,61 @@ func Digest(b []byte) string {
 	return hex.EncodeToString(s[:])
 }
 
+// Tensor is one named tensor to store in a fragment.
+type Tensor struct {
+	Name   string
+	Shape  []int
+	Values []float32
+	// DType is the storage type (DTypeF32 when empty).
+	DType string
+}
+
 // EncodeFragment builds a blob holding the named tensors (f32), in order.
 func EncodeFragment(model, id string, names []string, shapes [][]int, values [][]float32) ([]byte, error) {
+	ts := make([]Tensor, len(names))
+	for i := range names {
+		ts[i] = Tensor{Name: names[i], Shape: shapes[i], Values: values[i]}
+	}
+	return EncodeTensors(model, id, "", ts)
+}
+
+// EncodeTensors builds a blob holding tensors in order, each stored in its
+// dtype; dtype is the fragment's nominal storage type for its manifest
+// (the first tensor's when empty).
+func EncodeTensors(model, id, dtype string, tensors []Tensor) ([]byte, error) {
 	kind, layer, err := ParseFragmentID(id)
 	if err != nil {
 		return nil, err
 	}
-	m := wire.FragmentManifest{Model: model, Fragment: id, Kind: kind, Layer: layer, Expert: -1, DType: "f32"}
+	if dtype == "" {
+		dtype = DTypeF32
+		if len(tensors) > 0 && tensors[0].DType != "" {
+			dtype = tensors[0].DType
+		}
+	}
+	m := wire.FragmentManifest{Model: model, Fragment: id, Kind: kind, Layer: layer, Expert: -1, DType: dtype}
 	var off int64
-	for i, n := range names {
+	for i := range tensors {
+		t := &tensors[i]
+		if t.DType == "" {
+			t.DType = DTypeF32
+		}
 		count := 1
-		for _, d := range shapes[i] {
+		for _, d := range t.Shape {
 			count *= d
 		}
-		if count != len(values[i]) {
-			return nil, fmt.Errorf("fragment %s tensor %s: shape %v has %d values, given %d", id, n, shapes[i], count, len(values[i]))
+		if count != len(t.Values) {
+			return nil, fmt.Errorf("fragment %s tensor %s: shape %v has %d values, given %d", id, t.Name, t.Shape, count, len(t.Values))
 		}
-		m.Tensors = append(m.Tensors, wire.TensorInfo{Name: n, Shape: shapes[i], DType: "f32", Offset: off, Bytes: 4 * int64(count)})
-		off += 4 * int64(count)
+		if t.DType == DTypeQ8_0 && (len(t.Shape) == 0 || t.Shape[len(t.Shape)-1]%Q8Block != 0) {
+			return nil, fmt.Errorf("fragment %s tensor %s: q8_0 rows need a multiple of %d values, shape is %v", id, t.Name, Q8Block, t.Shape)
+		}
+		n, err := tensorBytes(t.DType, int64(count))
+		if err != nil {
+			return nil, fmt.Errorf("fragment %s tensor %s: %w", id, t.Name, err)
+		}
+		m.Tensors = append(m.Tensors, wire.TensorInfo{Name: t.Name, Shape: t.Shape, DType: t.DType, Offset: off, Bytes: n})
+		off += n
 		off = (off + fragAlign - 1) / fragAlign * fragAlign
 	}
 	mj, err := json.Marshal(m)
@@ -110,9 +147,19 @@ func EncodeFragment(model, id string, names []string, shapes [][]int, values [][
 	binary.LittleEndian.PutUint32(out[4:], uint32(len(mj)))
 	copy(out[8:], mj)
 	for i, t := range m.Tensors {
-		dst := out[head+int(t.Offset):]
-		for j, v := range values[i] {
-			binary.LittleEndian.PutUint32(dst[4*j:], math.Float32bits(v))
+		dst := out[head+int(t.Offset) : head+int(t.Offset+t.Bytes)]
+		vals := tensors[i].Values
+		switch t.DType {
+		case DTypeF32:
+			for j, v := range vals {
+				binary.LittleEndian.PutUint32(dst[4*j:], math.Float32bits(v))
+			}
+		case DTypeF16:
+			AppendF16(dst[:0], vals)
+		case DTypeQ8_0:
+			if _, err := AppendQ8_0(dst[:0], vals); err != nil {
+				return nil, fmt.Errorf("fragment %s tensor %s: %w", id, t.Name, err)
+			}
 		}
 	}
 	return out, nil
@@ -147,6 +194,11 @@ func DecodeFragment(name string, b []byte) (*Fragment, error) {
 				return nil, fmt.Errorf("fragment %s: tensor %s has bad shape %v", name, t.Name, t.Shape)
 			}
 			count *= int64(d)
+			if count > int64(len(b)) {
+				// More values than the blob has bytes: cannot fit (and
+				// stops the product from overflowing).
+				return nil, fmt.Errorf("fragment %s: truncated: tensor %s of shape %v cannot fit in %d bytes", name, t.Name, t.Shape, len(b))
+			}
 		}
 		want, err := tensorBytes(t.DType, count)
 		if err != nil {
@@ -226,14 +278,38 @@ type Blob struct {
 	Data []byte
 }
 
+// FragmentOptions says how Fragments stores a model.
+type FragmentOptions struct {
+	// DType is the storage type of weight matrices (embedding, attention
+	// and feed-forward projections, classifier): DTypeF32 (default),
+	// DTypeF16 or DTypeQ8_0. Norm weights stay f32. A q8_0 matrix whose
+	// rows are not a whole number of 32-value blocks is stored as f16.
+	DType string
+}
+
+// matrixDType is the dtype a matrix with rows of cols values is stored in.
+func (o FragmentOptions) matrixDType(cols int) string {
+	if o.DType == DTypeQ8_0 && cols%Q8Block != 0 {
+		return DTypeF16
+	}
+	return o.DType
+}
+
 // Fragments cuts ck into blobs (embed, one per layer, head) and returns them
 // with the model's manifest; tokenizer is the tokenizer file's bytes.
-func Fragments(id string, ck *Checkpoint, tokenizer []byte) ([]Blob, wire.ModelManifest, error) {
+func Fragments(id string, ck *Checkpoint, tokenizer []byte, opts FragmentOptions) ([]Blob, wire.ModelManifest, error) {
+	switch opts.DType {
+	case "":
+		opts.DType = DTypeF32
+	case DTypeF32, DTypeF16, DTypeQ8_0:
+	default:
+		return nil, wire.ModelManifest{}, fmt.Errorf("fragments: unknown dtype %q (want f32, f16 or q8_0)", opts.DType)
+	}
 	c := ck.Config
 	d, kv, f := c.Dim, KVDim(c), c.HiddenDim
 	var blobs []Blob
-	add := func(fid, kind string, layer int, names []string, shapes [][]int, values [][]float32) error {
-		b, err := EncodeFragment(id, fid, names, shapes, values)
+	add := func(fid, kind string, layer int, ts []Tensor) error {
+		b, err := EncodeTensors(id, fid, opts.DType, ts)
 		if err != nil {
 			return err
 		}
@@ -241,38 +317,68 @@ func Fragments(id string, ck *Checkpoint, tokenizer []byte) ([]Blob, wire.ModelM
 		blobs = append(blobs, Blob{Ref: wire.FragmentRef{ID: fid, Kind: kind, Layer: layer, Expert: -1, Object: ObjectName(sha), SHA256: sha, Bytes: int64(len(b))}, Data: b})
 		return nil
 	}
-	if err := add(FragEmbed, KindEmbed, -1, []string{"token_embedding"}, [][]int{{c.Vocab, d}}, [][]float32{ck.TokenEmbedding}); err != nil {
+	vec := func(name string, v []float32) Tensor {
+		return Tensor{Name: name, Shape: []int{len(v)}, Values: v, DType: DTypeF32}
+	}
+	mat := func(name string, rows, cols int, v []float32) Tensor {
+		return Tensor{Name: name, Shape: []int{rows, cols}, Values: v, DType: opts.matrixDType(cols)}
+	}
+	var attnBytes, ffnBytes int64
+	if err := add(FragEmbed, KindEmbed, -1, []Tensor{mat("token_embedding", c.Vocab, d, ck.TokenEmbedding)}); err != nil {
 		return nil, wire.ModelManifest{}, err
 	}
 	for i := 0; i < c.Layers; i++ {
-		err := add(LayerFragment(i), KindLayer, i,
-			[]string{"attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3"},
-			[][]int{{d}, {d, d}, {kv, d}, {kv, d}, {d, d}, {d}, {f, d}, {d, f}, {f, d}},
-			[][]float32{ck.AttnNorm[i], ck.Wq[i], ck.Wk[i], ck.Wv[i], ck.Wo[i], ck.FFNNorm[i], ck.W1[i], ck.W2[i], ck.W3[i]})
-		if err != nil {
+		ts := []Tensor{
+			vec("attn_norm", ck.AttnNorm[i]), mat("wq", d, d, ck.Wq[i]), mat("wk", kv, d, ck.Wk[i]), mat("wv", kv, d, ck.Wv[i]), mat("wo", d, d, ck.Wo[i]),
+			vec("ffn_norm", ck.FFNNorm[i]), mat("w1", f, d, ck.W1[i]), mat("w2", d, f, ck.W2[i]), mat("w3", f, d, ck.W3[i]),
+		}
+		if i == 0 {
+			for _, t := range ts {
+				n, _ := tensorBytes(t.DType, int64(len(t.Values)))
+				switch t.Name {
+				case "ffn_norm", "w1", "w2", "w3":
+					ffnBytes += n
+				default:
+					attnBytes += n
+				}
+			}
+		}
+		if err := add(LayerFragment(i), KindLayer, i, ts); err != nil {
 			return nil, wire.ModelManifest{}, err
 		}
 	}
-	if err := add(FragHead, KindHead, -1, []string{"norm", "classifier"}, [][]int{{d}, {c.Vocab, d}}, [][]float32{ck.FinalNorm, ck.Classifier}); err != nil {
+	if err := add(FragHead, KindHead, -1, []Tensor{vec("norm", ck.FinalNorm), mat("classifier", c.Vocab, d, ck.Classifier)}); err != nil {
 		return nil, wire.ModelManifest{}, err
 	}
 	tsha := Digest(tokenizer)
 	m := wire.ModelManifest{
-		ID: id, Family: "llama", Config: c, DType: "f32",
+		ID: id, Family: "llama", Config: c, DType: opts.DType,
 		TokenizerObject: ObjectName(tsha), TokenizerSHA256: tsha,
-		KVBytesPerToken: 2 * 4 * int64(kv),
-		FLOPsPerToken:   FLOPsPerToken(c),
-		Created:         time.Now().UTC(),
+		KVBytesPerToken:      KVBytesPerTokenPerLayer(c),
+		KVBytesPerTokenModel: KVBytesPerTokenPerLayer(c) * int64(c.Layers),
+		FLOPsPerToken:        FLOPsPerToken(c),
+		// A dense feed-forward network is one group that every token uses;
+		// splitting it (or a native mixture of experts) fills in more.
+		ExpertLayout: &wire.ExpertLayout{Groups: 1, TopK: 1, GroupBytes: ffnBytes, SharedBytes: attnBytes},
+		Created:      time.Now().UTC(),
 	}
+	m.LayerBytes = make([]int64, c.Layers)
 	for _, b := range blobs {
 		m.Fragments = append(m.Fragments, b.Ref)
 		m.TotalBytes += b.Ref.Bytes
-		if b.Ref.Kind == KindLayer && b.Ref.Layer == 0 {
-			m.LayerWeightBytes = b.Ref.Bytes
+		if b.Ref.Kind == KindLayer {
+			m.LayerBytes[b.Ref.Layer] = b.Ref.Bytes
+			if b.Ref.Layer == 0 {
+				m.LayerWeightBytes = b.Ref.Bytes
+			}
 		}
 	}
 	return blobs, m, nil
 }
+
+// KVBytesPerTokenPerLayer is the key/value cache one token takes in one
+// layer (float32 keys and values).
+func KVBytesPerTokenPerLayer(c wire.ModelConfig) int64 { return 2 * 4 * int64(KVDim(c)) }
 
 // FLOPsPerToken estimates the forward FLOPs of one token (2 per
 // multiply-add of the weight matrices; attention over the context is left

@@ -15,9 +15,6 @@ const (
 	HdrPos = "Tessera-Pos"
 	// HdrRange is this hop's layer range "first:end".
 	HdrRange = "Tessera-Range"
-	// HdrRoute is the remaining hops after this one, "node:first:end,..."; the
-	// last hop replies to the original requester.
-	HdrRoute = "Tessera-Route"
 	// HdrPhase is PhasePrefill, PhaseDecode or PhaseRecompute (usage counts
 	// prompt and generated tokens apart, and bills no recomputation).
 	HdrPhase = "Tessera-Phase"

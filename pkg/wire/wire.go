@@ -111,7 +111,9 @@ type Heartbeat struct {
 	Fetch        FetchProgress `json:"fetch"`
 	KVTokensFree int64         `json:"kv_tokens_free"`
 	QueueDepth   int           `json:"queue_depth"`
-	Speed        []SpeedSample `json:"speed,omitempty"`
+	// Sessions is the number of requests holding KV caches on the node.
+	Sessions int           `json:"sessions"`
+	Speed    []SpeedSample `json:"speed,omitempty"`
 	// Signature is the base64 ed25519 signature over the heartbeat encoded
 	// with Signature empty (see the executor's identity package).
 	Signature string `json:"signature,omitempty"`
@@ -233,11 +235,35 @@ type ModelManifest struct {
 	LayerWeightBytes int64 `json:"layer_weight_bytes"`
 	// KVBytesPerToken is the KV-cache bytes one token needs in one layer.
 	KVBytesPerToken int64 `json:"kv_bytes_per_token_per_layer"`
+	// KVBytesPerTokenModel is the KV-cache bytes one token needs in all layers.
+	KVBytesPerTokenModel int64 `json:"kv_bytes_per_token,omitempty"`
+	// LayerBytes is each layer's weight bytes (its fragment, all experts).
+	LayerBytes []int64 `json:"layer_bytes,omitempty"`
+	// ExpertLayout describes how each layer's feed-forward network is
+	// split into groups that tokens activate selectively.
+	ExpertLayout *ExpertLayout `json:"expert_layout,omitempty"`
 	// FLOPsPerToken is the forward FLOPs per token for the whole model
 	// (dense, or with top_k experts active).
 	FLOPsPerToken int64     `json:"flops_per_token"`
 	TotalBytes    int64     `json:"total_bytes"`
 	Created       time.Time `json:"created"`
+}
+
+// ExpertLayout is how a model's feed-forward layers divide into expert
+// groups: native mixture-of-experts experts, or groups of a dense FFN's
+// neurons. A dense, unsplit model has one group with TopK 1.
+type ExpertLayout struct {
+	// Groups is the number of expert groups per layer.
+	Groups int `json:"groups"`
+	// TopK is how many groups each token activates per layer.
+	TopK int `json:"top_k"`
+	// Native says the groups are a mixture of experts' trained experts.
+	Native bool `json:"native"`
+	// GroupBytes is the weight bytes of one group in one layer.
+	GroupBytes int64 `json:"group_bytes"`
+	// SharedBytes is a layer's weight bytes outside the groups (attention,
+	// norms, gate), which every token uses.
+	SharedBytes int64 `json:"shared_bytes"`
 }
 
 // TensorInfo describes one tensor inside a fragment blob.
@@ -325,7 +351,8 @@ type DeadLetter struct {
 
 // Control is a message on a node's control subject.
 type Control struct {
-	// Op is "release" (free a request's KV caches) or "drain".
+	// Op is "release" (free a request's KV caches), "drain", or "ping"
+	// (a liveness check answered at once).
 	Op      string `json:"op"`
 	Request string `json:"request,omitempty"`
 }

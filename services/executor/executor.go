@@ -105,6 +105,10 @@ func (c Config) withDefaults() Config {
 type Deps struct {
 	Bus *bus.Conn
 	Log *slog.Logger
+	// Pool, when set, runs the node's compute: executors hosted in one
+	// process (the all-in-one grid) share the machine's cores through one
+	// pool instead of each spinning up its own.
+	Pool *compute.Pool
 	// TamperChallenge, when set, alters the node's answers to the
 	// registry's challenges: tests use it to play a node that computes
 	// wrongly. Production leaves it nil.
@@ -376,7 +380,7 @@ func (h *heartbeater) send(state string) {
 		Seq: h.seq, Time: time.Now().UTC(), IntervalMS: h.cfg.HeartbeatInterval.Milliseconds(),
 		State: state, Devices: devices, MemoryBudget: h.budget, MemoryFree: free,
 		Models: st.Models, Fragments: st.Fragments, Fetch: st.Fetch,
-		KVTokensFree: st.KVTokensFree, QueueDepth: st.QueueDepth,
+		KVTokensFree: st.KVTokensFree, QueueDepth: st.QueueDepth, Sessions: st.Sessions,
 		Speed: h.speeds.Samples(devices, h.models),
 	}
 	if err := h.id.SignHeartbeat(&hb); err != nil {

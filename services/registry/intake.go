@@ -241,7 +241,7 @@ func checkHeartbeat(hb *wire.Heartbeat) error {
 	if !validStates[hb.State] {
 		errs = append(errs, fmt.Sprintf("state %q is not one of starting, ready, draining, degraded, quarantined, stopped", hb.State))
 	}
-	if hb.KVTokensFree < 0 || hb.QueueDepth < 0 || hb.Fetch.BytesDone < 0 || hb.Fetch.BytesTotal < 0 {
+	if hb.KVTokensFree < 0 || hb.QueueDepth < 0 || hb.Sessions < 0 || hb.Fetch.BytesDone < 0 || hb.Fetch.BytesTotal < 0 {
 		errs = append(errs, "kv_tokens_free, queue_depth and fetch must not be negative")
 	}
 	for i, d := range hb.Devices {

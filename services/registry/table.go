@@ -123,6 +123,8 @@ func materialOf(rec *wire.NodeRecord) uint64 {
 	str(rec.State, rec.QuarantineReason, hb.Supplier, hb.Region, hb.PublicKey, hb.State)
 	num(uint64(hb.IntervalMS))
 	num(hb.MemoryBudget)
+	// Busy or idle (not the count, which moves with every request).
+	num(uint64(min(hb.Sessions, 1)))
 	str(hb.Models...)
 	str("|")
 	str(hb.Fragments...)

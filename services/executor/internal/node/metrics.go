@@ -19,6 +19,7 @@ type metrics struct {
 	layerTokens   metric.Int64Counter
 	stageDuration metric.Float64Histogram
 	usageEvents   metric.Int64Counter
+	batchSize     metric.Int64Histogram
 }
 
 // newMetrics makes the node's instruments. An instrument the provider
@@ -33,6 +34,9 @@ func newMetrics(node string) *metrics {
 		metric.WithExplicitBucketBoundaries(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 	m.usageEvents, _ = meter.Int64Counter("tessera.executor.usage.published",
 		metric.WithUnit("{event}"), metric.WithDescription("usage events acknowledged by stream USAGE"))
+	m.batchSize, _ = meter.Int64Histogram("tessera.executor.batch.size",
+		metric.WithUnit("{request}"), metric.WithDescription("stage requests computed together in one forward pass"),
+		metric.WithExplicitBucketBoundaries(1, 2, 4, 8, 16, 32, 64))
 	return m
 }
 
@@ -68,6 +72,11 @@ func (m *metrics) stageDone(j *job, took time.Duration) {
 	ctx := context.Background()
 	m.layerTokens.Add(ctx, int64(j.rows*(j.end-j.first)), metric.WithAttributes(m.node, attribute.String("model", j.model)))
 	m.stageDuration.Record(ctx, time.Since(j.received).Seconds(), metric.WithAttributes(m.node, attribute.String("phase", j.phase)))
+}
+
+// batchDone records the size of one forward pass's batch.
+func (m *metrics) batchDone(size int) {
+	m.batchSize.Record(context.Background(), int64(size), metric.WithAttributes(m.node))
 }
 
 // usagePublished counts one acknowledged usage event.

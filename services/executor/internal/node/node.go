@@ -33,6 +33,10 @@ type Options struct {
 	DeviceType string
 	// Threads is the compute parallelism (0: GOMAXPROCS).
 	Threads int
+	// Pool, when set, runs this node's compute instead of a pool of its
+	// own: nodes sharing a process (the all-in-one grid, benchmarks) then
+	// share its cores without oversubscribing them.
+	Pool *compute.Pool
 	// MaxBatch caps how many queued requests one forward pass takes.
 	MaxBatch int
 	// QueueLimit caps queued requests per stage before "overloaded".
@@ -78,6 +82,10 @@ type Node struct {
 	mu       sync.Mutex
 	models   map[string]*modelState
 	sessions map[sessionKey]*session
+	// released remembers finished requests for a while, so that a stage
+	// request still in flight when its release came cannot open a session
+	// that nobody would release.
+	released map[string]time.Time
 	draining bool
 
 	queued   atomic.Int64
@@ -110,12 +118,17 @@ func New(opts Options, b *bus.Conn, log *slog.Logger) (*Node, error) {
 	if opts.SpoolRetry <= 0 {
 		opts.SpoolRetry = 10 * time.Second
 	}
+	pool := opts.Pool
+	if pool == nil {
+		pool = compute.NewPool(opts.Threads)
+	}
 	return &Node{
 		opts: opts, bus: b, log: log.With("node", opts.ID),
-		pool:     compute.NewPool(opts.Threads),
+		pool:     pool,
 		metrics:  newMetrics(opts.ID),
 		models:   map[string]*modelState{},
 		sessions: map[sessionKey]*session{},
+		released: map[string]time.Time{},
 	}, nil
 }
 
@@ -196,6 +209,7 @@ type Status struct {
 	Models       []string
 	Fetch        wire.FetchProgress
 	QueueDepth   int
+	Sessions     int
 	WeightBytes  uint64
 	CacheBytes   uint64
 	KVTokensFree int64
@@ -205,7 +219,7 @@ type Status struct {
 func (n *Node) Status() Status {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	s := Status{Draining: n.draining, QueueDepth: int(n.queued.Load())}
+	s := Status{Draining: n.draining, QueueDepth: int(n.queued.Load()), Sessions: len(n.sessions)}
 	for id, m := range n.models {
 		s.Models = append(s.Models, id)
 		s.Fragments = append(s.Fragments, m.fragmentIDs()...)

@@ -54,7 +54,11 @@ func (n *Node) session(j *job, man wire.ModelManifest) *session {
 	if se == nil {
 		se = &session{key: key, cache: compute.NewCache(man.Config, j.end-j.first), customer: j.customer}
 		se.usage.Start = time.Now().UTC()
-		n.sessions[key] = se
+		// A job queued before its request's release runs on a cache that
+		// is not kept.
+		if _, done := n.released[j.request]; !done {
+			n.sessions[key] = se
+		}
 	}
 	se.mu.Lock()
 	if !se.trace.IsValid() {
@@ -110,6 +114,9 @@ func (n *Node) onRelease(msg *nats.Msg) {
 		n.deadLetter(msg, "bad_release", err)
 		return
 	}
+	n.mu.Lock()
+	n.released[c.Request] = time.Now()
+	n.mu.Unlock()
 	n.release(func(k sessionKey) bool { return k.request == c.Request }, "request finished")
 }
 
@@ -125,6 +132,12 @@ func (n *Node) onControl(msg *nats.Msg) {
 		n.release(func(k sessionKey) bool { return k.request == c.Request }, "request finished")
 	case "drain":
 		n.SetDraining()
+	case "ping":
+		// Liveness: the router asks while it waits on a slow answer.
+		if msg.Reply != "" {
+			_ = msg.Respond([]byte(fmt.Sprintf(`{"ok":true,"sessions":%d}`, n.Sessions())))
+		}
+		return
 	default:
 		n.deadLetter(msg, "bad_control", fmt.Errorf("unknown op %q", c.Op))
 		return
@@ -168,6 +181,11 @@ func (n *Node) reapIdle(ctx context.Context) {
 		case <-t.C:
 			cut := time.Now().Add(-n.opts.SessionIdle)
 			n.mu.Lock()
+			for req, at := range n.released {
+				if at.Before(cut) {
+					delete(n.released, req)
+				}
+			}
 			var idle []sessionKey
 			for k, se := range n.sessions {
 				if se.last.Before(cut) {

@@ -29,7 +29,6 @@ type job struct {
 	pos      int
 	first    int
 	end      int
-	route    string
 	logits   string
 	tokens   []int32
 	hidden   []float32
@@ -65,13 +64,17 @@ func parseStage(msg *nats.Msg) (*job, error) {
 	j.model = h.Get(wire.HdrModel)
 	j.customer = h.Get(wire.HdrCustomer)
 	j.phase = h.Get(wire.HdrPhase)
-	j.route = h.Get(wire.HdrRoute)
 	j.logits = h.Get(wire.HdrLogits)
 	if err := subjects.Token(j.request); err != nil {
 		return nil, fmt.Errorf("header %s: %w", wire.HdrRequest, err)
 	}
 	if err := subjects.Token(j.model); err != nil {
 		return nil, fmt.Errorf("header %s: %w", wire.HdrModel, err)
+	}
+	switch j.phase {
+	case wire.PhasePrefill, wire.PhaseDecode, wire.PhaseRecompute:
+	default:
+		return nil, fmt.Errorf("header %s=%q: want %s, %s or %s", wire.HdrPhase, j.phase, wire.PhasePrefill, wire.PhaseDecode, wire.PhaseRecompute)
 	}
 	pos, err := strconv.Atoi(h.Get(wire.HdrPos))
 	if err != nil || pos < 0 {
@@ -81,12 +84,6 @@ func parseStage(msg *nats.Msg) (*job, error) {
 	j.first, j.end, err = parseRange(h.Get(wire.HdrRange))
 	if err != nil {
 		return nil, err
-	}
-	for rest := j.route; rest != ""; {
-		var ok bool
-		if _, rest, ok = nextHop(rest); !ok {
-			return nil, fmt.Errorf("header %s=%q: want node:first:end,...", wire.HdrRoute, j.route)
-		}
 	}
 	f, err := wire.DecodeFrame(msg.Data)
 	if err != nil {
@@ -177,6 +174,9 @@ func (n *Node) runnerFor(j *job) (*runner, error) {
 		return nil, replyErr(wire.ErrCodeBadRequest, "range [%d,%d) outside the model's %d layers", j.first, j.end, m.manifest.Config.Layers)
 	}
 	key := sessionKey{request: j.request, model: j.model, first: j.first, end: j.end}
+	if _, done := n.released[j.request]; done {
+		return nil, replyErr(wire.ErrCodeBadRequest, "request %s has ended", j.request)
+	}
 	if n.draining && n.sessions[key] == nil {
 		return nil, replyErr(wire.ErrCodeDraining, "node %s is draining", n.opts.ID)
 	}
@@ -293,6 +293,7 @@ func (n *Node) runBatch(r *runner, man wire.ModelManifest, batch []*job, items [
 		sessions[i] = se
 		items = append(items, &compute.Item{Cache: se.cache, Pos: j.pos, N: j.rows, Tokens: j.tokens, Hidden: j.hidden, AllLogits: j.logits == "all"})
 	}
+	n.metrics.batchDone(len(batch))
 	start := time.Now()
 	err := r.stage.Forward(items)
 	elapsed := time.Since(start)
@@ -323,68 +324,30 @@ func (n *Node) runBatch(r *runner, man wire.ModelManifest, batch []*job, items [
 	}
 }
 
-// finish accounts a job's usage and sends its result on: to the next hop of
-// its route, or back to the requester.
+// finish accounts a job's usage and answers the requester with the
+// stage's output: logits when the stage holds the head, else the hidden
+// state for the next stage (the requester, not this node, sends it on).
 func (n *Node) finish(j *job, se *session, it *compute.Item, took time.Duration, man wire.ModelManifest) {
 	defer j.span.End()
 	se.account(j, took, man)
 	n.metrics.stageDone(j, took)
+	if j.msg.Reply == "" {
+		return
+	}
 	out := nats.NewMsg(j.msg.Reply)
-	if next, rest, ok := nextHop(j.route); ok {
-		out.Subject = subjects.Stage(next.node)
-		out.Reply = j.msg.Reply
-		out.Header = nats.Header{}
-		for _, k := range []string{wire.HdrRequest, wire.HdrModel, wire.HdrPlan, wire.HdrCustomer, wire.HdrPos, wire.HdrPhase, wire.HdrLogits} {
-			if v := j.msg.Header.Get(k); v != "" {
-				out.Header.Set(k, v)
-			}
-		}
-		out.Header.Set(wire.HdrRange, fmt.Sprintf("%d:%d", next.first, next.end))
-		if rest != "" {
-			out.Header.Set(wire.HdrRoute, rest)
-		}
-		out.Data = wire.AppendF32(make([]byte, 0, wire.FrameHeaderSize+4*len(it.Hidden)), j.rows, man.Config.Dim, it.Hidden)
-	} else if j.end == man.Config.Layers {
+	out.Header.Set(wire.HdrNode, n.opts.ID)
+	if j.end == man.Config.Layers {
 		rows := 1
 		if it.AllLogits {
 			rows = j.rows
 		}
-		out.Header.Set(wire.HdrNode, n.opts.ID)
 		out.Data = wire.AppendF32(make([]byte, 0, wire.FrameHeaderSize+4*len(it.Logits)), rows, man.Config.Vocab, it.Logits)
 	} else {
-		out.Header.Set(wire.HdrNode, n.opts.ID)
 		out.Data = wire.AppendF32(make([]byte, 0, wire.FrameHeaderSize+4*len(it.Hidden)), j.rows, man.Config.Dim, it.Hidden)
 	}
 	out.Header.Set(wire.HdrComputeUS, strconv.FormatInt(took.Microseconds(), 10))
 	telemetry.Inject(j.ctx, out)
-	if out.Subject == "" {
-		return
-	}
 	if err := n.bus.NC.PublishMsg(out); err != nil {
 		n.log.Warn("stage result not sent", "request", j.request, "err", err)
 	}
-}
-
-// hop is one step of a route.
-type hop struct {
-	node       string
-	first, end int
-}
-
-// nextHop splits a route "node:first:end,..." into its first hop and the rest.
-func nextHop(route string) (hop, string, bool) {
-	if route == "" {
-		return hop{}, "", false
-	}
-	head, rest, _ := strings.Cut(route, ",")
-	parts := strings.Split(head, ":")
-	if len(parts) != 3 || subjects.Token(parts[0]) != nil {
-		return hop{}, "", false
-	}
-	first, err1 := strconv.Atoi(parts[1])
-	end, err2 := strconv.Atoi(parts[2])
-	if err1 != nil || err2 != nil || first < 0 || end <= first {
-		return hop{}, "", false
-	}
-	return hop{node: parts[0], first: first, end: end}, rest, true
 }

@@ -273,6 +273,7 @@ type session struct {
 	model      *grid.Model
 	plan       *wire.Plan
 	route      []hop
+	calls      callState
 	seq        []int // every token so far (prompt and generated)
 	promptLen  int
 	done       int // tokens the route's caches hold
@@ -366,10 +367,8 @@ func (s *session) send(ctx context.Context) ([]float32, string, error) {
 		h.Set(wire.HdrPhase, phase)
 		msg.Data = frame
 		telemetry.Inject(ctx, msg)
-		rctx, cancel := context.WithTimeout(ctx, s.e.stageTimeout+time.Duration(len(in))*10*time.Millisecond)
 		sent := time.Now()
-		reply, err := s.e.bus.NC.RequestMsgWithContext(rctx, msg)
-		cancel()
+		reply, err := s.call(ctx, hp.node, msg, s.e.stageTimeout+time.Duration(len(in))*10*time.Millisecond)
 		s.e.metrics.hopDone(ctx, s.req.Model, phase, time.Since(sent))
 		if err != nil {
 			if ctx.Err() != nil {
@@ -438,6 +437,7 @@ func (s *session) release() {
 	for _, hp := range s.route {
 		s.e.health.releaseNode(hp.node)
 	}
+	s.calls.close()
 	b := []byte(`{"op":"release","request":"` + s.req.ID + `"}`)
 	if err := s.e.bus.NC.Publish(subjects.SessionRelease, b); err != nil {
 		s.e.log.Warn("release not sent", "request", s.req.ID, "err", err)
