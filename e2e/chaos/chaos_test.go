@@ -27,6 +27,7 @@ import (
 
 	"github.com/tessera-grid/tessera/internal/proctest"
 	"github.com/tessera-grid/tessera/pkg/bus"
+	"github.com/tessera-grid/tessera/pkg/bus/bustest"
 	"github.com/tessera-grid/tessera/pkg/config"
 	"github.com/tessera-grid/tessera/pkg/subjects"
 	"github.com/tessera-grid/tessera/pkg/testmodel"
@@ -49,23 +50,6 @@ const (
 	// errorPause is how long a client waits after an error response.
 	errorPause = 200 * time.Millisecond
 )
-
-// checkFor calls f every interval until it returns nil or timeout passes,
-// then fails the test with f's last error.
-func checkFor(t testing.TB, timeout, interval time.Duration, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met after %v: %v", timeout, err)
-		}
-		time.Sleep(interval)
-	}
-}
 
 // natsServer is one server of the cluster, as a process.
 type natsServer struct {
@@ -97,7 +81,7 @@ func startCluster(t *testing.T, bin string) ([]*natsServer, string) {
 		name := fmt.Sprintf("nats-%d", i+1)
 		store := filepath.Join(dir, name)
 		conf := filepath.Join(dir, name+".conf")
-		localise(t, "cluster/"+name+".conf", conf, append([]string{
+		proctest.Localise(t, "cluster/"+name+".conf", conf, append([]string{
 			"listen: 0.0.0.0:4222", fmt.Sprintf("listen: 127.0.0.1:%d", client[i]),
 			"http: 127.0.0.1:8222", fmt.Sprintf("http: 127.0.0.1:%d", monitor[i]),
 			`store_dir: "/var/lib/nats/jetstream"`, fmt.Sprintf("store_dir: %q", store),
@@ -116,32 +100,11 @@ func startCluster(t *testing.T, bin string) ([]*natsServer, string) {
 	return servers, strings.Join(urls, ",")
 }
 
-// localise copies deploy/nats/<src> to dst with each old string of edits
-// replaced by its new one; every old string must occur, so that a change
-// of the shipped file fails the test instead of testing something else.
-func localise(t *testing.T, src, dst string, edits ...string) {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join(proctest.RepoRoot(t), "deploy", "nats", src))
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := string(b)
-	for i := 0; i+1 < len(edits); i += 2 {
-		if !strings.Contains(s, edits[i]) {
-			t.Fatalf("%s no longer contains %q", src, edits[i])
-		}
-		s = strings.ReplaceAll(s, edits[i], edits[i+1])
-	}
-	if err := os.WriteFile(dst, []byte(s), 0o644); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // waitHealthy waits until the server serves JetStream (its monitoring
 // endpoint's health check passes).
 func (s *natsServer) waitHealthy(t *testing.T) {
 	t.Helper()
-	checkFor(t, 60*time.Second, 50*time.Millisecond, func() error {
+	bustest.CheckFor(t, 60*time.Second, 50*time.Millisecond, func() error {
 		if s.Exited() {
 			t.Fatalf("%s exited: %v\n%s", s.name, s.Err(), s.Tail(20))
 		}
@@ -278,7 +241,7 @@ func (l *load) progress(t *testing.T, n int, timeout time.Duration, what string)
 	t.Helper()
 	from := l.completed()
 	start := time.Now()
-	checkFor(t, timeout, 50*time.Millisecond, func() error {
+	bustest.CheckFor(t, timeout, 50*time.Millisecond, func() error {
 		if got := l.completed() - from; got < n {
 			return fmt.Errorf("%s: %d of %d generations completed", what, got, n)
 		}
@@ -316,7 +279,7 @@ func TestChaos(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(admin.NC.Close)
-	checkFor(t, 30*time.Second, 100*time.Millisecond, func() error {
+	bustest.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
 		bctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
 		return bus.Bootstrap(bctx, admin.JS, 3)
@@ -348,7 +311,7 @@ func TestChaos(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	checkFor(t, 30*time.Second, 200*time.Millisecond, func() error {
+	bustest.CheckFor(t, 30*time.Second, 200*time.Millisecond, func() error {
 		imp := exec.Command(bin+"/tessera", "model", "import", "--id", testmodel.ID, "--tokenizer", tp, cp)
 		imp.Env = append(os.Environ(), env()...)
 		if out, err := imp.CombinedOutput(); err != nil {
@@ -362,7 +325,7 @@ func TestChaos(t *testing.T) {
 	}
 	waitPlan := func(nodes int, what string) {
 		t.Helper()
-		checkFor(t, 60*time.Second, 100*time.Millisecond, func() error {
+		bustest.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
 			e, err := planKV.Get(ctx, testmodel.ID)
 			if err != nil {
 				return err
@@ -383,7 +346,7 @@ func TestChaos(t *testing.T) {
 	// The router answers within its request timeout (45s); a client that
 	// waits longer than that has found a hang.
 	l := &load{url: url, client: &http.Client{Timeout: 75 * time.Second}}
-	checkFor(t, 60*time.Second, 200*time.Millisecond, func() error {
+	bustest.CheckFor(t, 60*time.Second, 200*time.Millisecond, func() error {
 		if o := l.one(); o.status != http.StatusOK || o.problem != "" {
 			return fmt.Errorf("first generation: HTTP %d %s %v %s", o.status, o.message, o.clientErr, o.problem)
 		}
@@ -424,7 +387,7 @@ func TestChaos(t *testing.T) {
 	natsKill := time.Now()
 	victim.Kill()
 	t.Logf("KILLED %s (SIGKILL): it carried %d client connections (%s); stream USAGE's leader was %s", victim.name, len(others), strings.Join(others, ", "), leader)
-	checkFor(t, 30*time.Second, 50*time.Millisecond, func() error {
+	bustest.CheckFor(t, 30*time.Second, 50*time.Millisecond, func() error {
 		for _, s := range servers {
 			if s == victim {
 				continue
@@ -439,7 +402,7 @@ func TestChaos(t *testing.T) {
 	l.progress(t, step, 90*time.Second, "with "+victim.name+" down")
 	victim.Restart()
 	victim.waitHealthy(t)
-	checkFor(t, 60*time.Second, 100*time.Millisecond, func() error {
+	bustest.CheckFor(t, 60*time.Second, 100*time.Millisecond, func() error {
 		info, err := usage.Info(ctx)
 		if err != nil {
 			return err
@@ -579,7 +542,7 @@ func verifyLedger(t *testing.T, js jetstream.JetStream, chAddr string, outcomes 
 	var last uint64
 	var dead map[uint64]string
 	var rows map[uint64]row
-	checkFor(t, 90*time.Second, 200*time.Millisecond, func() error {
+	bustest.CheckFor(t, 90*time.Second, 200*time.Millisecond, func() error {
 		info, err := stream.Info(ctx)
 		if err != nil {
 			return err

@@ -37,6 +37,11 @@ var (
 	ErrBadRequest = errors.New("invalid request")
 	// ErrUnavailable means no live route could serve the request.
 	ErrUnavailable = errors.New("no capacity")
+	// errHealing (an ErrUnavailable) means a stage of the plan has no
+	// replica to run it now: they left, are loading, or failed moments ago.
+	// The registry and planner react to that (a node back from back-off, a
+	// re-plan), so the request waits for a while before it fails.
+	errHealing = fmt.Errorf("%w", ErrUnavailable)
 )
 
 // Request is one completion to generate.
@@ -483,8 +488,8 @@ func (h *health) fail(node string) {
 
 // backedOff reports whether node failed recently; each failure after a
 // back-off ended doubles the next (0.5 s, 1 s, 2 s, … up to about 2
-// minutes). A node that joined the grid again since its last failure (a
-// restarted process) starts afresh.
+// minutes). A node that left the grid and joined it again since its last
+// failure (the registry's joined time is later) starts afresh.
 func (h *health) backedOff(node string, joined time.Time) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()

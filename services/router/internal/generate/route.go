@@ -101,12 +101,6 @@ func chooseRoute(stages []stageCandidates, costs RouteCosts) ([]hop, float64) {
 	return route, total
 }
 
-// errHealing means a stage of the plan has no replica to run it now: they
-// left, are busy loading, or failed moments ago. The registry and planner
-// react to that (a node back from back-off, a re-plan), so the request
-// waits for a while before it fails.
-var errHealing = fmt.Errorf("%w", ErrUnavailable)
-
 // pickRoute chooses the route for the request's remaining tokens over the
 // current plan's live replicas that hold each stage, have room for the
 // request's KV cache and are not backed off after a failure.
@@ -134,16 +128,15 @@ func (s *session) pickRoute() error {
 			if r.Heartbeat.KVTokensFree > 0 && r.Heartbeat.KVTokensFree < need {
 				continue
 			}
-			c := candidate{
-				node: id, region: r.Heartbeat.Region,
-				layerSec: layerSeconds(r, m.Manifest, s.e.costs.DefaultLayerTime),
-				load:     float64(r.Heartbeat.QueueDepth + s.e.health.inflight(id)),
-			}
 			if s.e.health.backedOff(id, r.JoinedAt) {
 				backedOff++
 				continue
 			}
-			sc.cands = append(sc.cands, c)
+			sc.cands = append(sc.cands, candidate{
+				node: id, region: r.Heartbeat.Region,
+				layerSec: layerSeconds(r, m.Manifest, s.e.costs.DefaultLayerTime),
+				load:     float64(r.Heartbeat.QueueDepth + s.e.health.inflight(id)),
+			})
 		}
 		if len(sc.cands) == 0 && backedOff > 0 {
 			return fmt.Errorf("%w: every replica holding layers [%d,%d) of %s failed moments ago", errHealing, st.First, st.End, s.req.Model)
