@@ -33,6 +33,7 @@ import (
 	"github.com/tessera-grid/tessera/pkg/testmodel"
 	"github.com/tessera-grid/tessera/pkg/wire"
 	"github.com/tessera-grid/tessera/services/router"
+	"github.com/tessera-grid/tessera/services/settlement"
 )
 
 const (
@@ -264,12 +265,17 @@ func (w window) overlaps(o outcome) bool { return o.start.Before(w.to) && o.end.
 // event of stream USAGE exactly once.
 func TestChaos(t *testing.T) {
 	if testing.Short() {
-		t.Skip("runs a NATS cluster, ClickHouse and nine grid processes")
+		t.Skip("runs a NATS cluster, ClickHouse and eight grid processes")
 	}
 	began := time.Now()
 	bin := t.TempDir()
 	proctest.Build(t, bin)
 	chAddr := proctest.ClickHouse(t)
+	ledger, err := clickhouse.Open(&clickhouse.Options{Addr: []string{chAddr}, Auth: clickhouse.Auth{Username: "default"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ledger.Close() })
 	servers, urls := startCluster(t, bin)
 	t.Logf("NATS cluster: %s", urls)
 
@@ -363,14 +369,14 @@ func TestChaos(t *testing.T) {
 
 	// 1. The NATS server the router is connected to.
 	var victim *natsServer
-	var others []string
+	var carried []string
 	for _, s := range servers {
 		names, err := s.clients()
 		if err != nil {
 			t.Fatal(err)
 		}
 		if slices.Contains(names, "tessera-router") {
-			victim, others = s, names
+			victim, carried = s, names
 		}
 	}
 	if victim == nil {
@@ -386,7 +392,7 @@ func TestChaos(t *testing.T) {
 	}
 	natsKill := time.Now()
 	victim.Kill()
-	t.Logf("KILLED %s (SIGKILL): it carried %d client connections (%s); stream USAGE's leader was %s", victim.name, len(others), strings.Join(others, ", "), leader)
+	t.Logf("KILLED %s (SIGKILL) %v into the load: it carried %d client connections (%s); stream USAGE's leader was %s", victim.name, natsKill.Sub(ready).Round(time.Millisecond), len(carried), strings.Join(carried, ", "), leader)
 	bustest.CheckFor(t, 30*time.Second, 50*time.Millisecond, func() error {
 		for _, s := range servers {
 			if s == victim {
@@ -425,7 +431,7 @@ func TestChaos(t *testing.T) {
 	killed := execs[1]
 	execKill := time.Now()
 	killed.Kill()
-	t.Logf("KILLED %s (SIGKILL) in the middle of the pipeline", killed.Name())
+	t.Logf("KILLED %s (SIGKILL) %v into the load, in the middle of the pipeline", killed.Name(), execKill.Sub(ready).Round(time.Millisecond))
 	waitPlan(executors-1, "re-plan without "+killed.Name())
 	l.progress(t, step, 90*time.Second, "with "+killed.Name()+" down")
 	killed.Restart()
@@ -436,16 +442,25 @@ func TestChaos(t *testing.T) {
 
 	// 3. Settlement, while usage keeps flowing in.
 	lastSeq := func() uint64 {
-		info, err := usage.Info(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return info.State.LastSeq
+		var seq uint64
+		bustest.CheckFor(t, 30*time.Second, 100*time.Millisecond, func() error {
+			info, err := usage.Info(ctx)
+			if err != nil {
+				return err
+			}
+			seq = info.State.LastSeq
+			return nil
+		})
+		return seq
 	}
 	settleKill := time.Now()
 	settlementProc.Kill()
 	before := lastSeq()
-	t.Logf("KILLED settlement (SIGKILL) at USAGE seq %d", before)
+	var settledAtKill uint64
+	if err := ledger.QueryRow(ctx, "SELECT count() FROM "+database+".usage_events").Scan(&settledAtKill); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("KILLED settlement (SIGKILL) %v into the load, at USAGE seq %d, with %d events in the ledger", settleKill.Sub(ready).Round(time.Millisecond), before, settledAtKill)
 	l.progress(t, 4*step, 60*time.Second, "with settlement down")
 	settlementProc.Restart()
 	t.Logf("RESTARTED settlement %v after the kill; %d usage events arrived meanwhile", time.Since(settleKill).Round(time.Millisecond), lastSeq()-before)
@@ -506,7 +521,7 @@ func TestChaos(t *testing.T) {
 	// The killed executor can only have lost the usage of generations it
 	// took part in when it died: those running at the kill (or ending just
 	// before it, their release not yet handled).
-	verifyLedger(t, admin.JS, chAddr, l.outcomes, window{execKill.Add(-time.Second), execKill}, killed.Name())
+	verifyLedger(t, admin.JS, ledger, ready, l.outcomes, window{execKill.Add(-time.Second), execKill}, killed.Name())
 	t.Logf("chaos test ran %v (grid up %v, load %v)", time.Since(began).Round(time.Millisecond), ready.Sub(began).Round(time.Millisecond), loadEnd.Sub(ready).Round(time.Millisecond))
 }
 
@@ -526,14 +541,9 @@ type row struct {
 // settlement dead-lettered aside), and that every completed generation's
 // usage is there: exactly for those that needed no failover and did not
 // run while the executor was down, at least its tokens for the others.
-func verifyLedger(t *testing.T, js jetstream.JetStream, chAddr string, outcomes []outcome, execDown window, execName string) {
+func verifyLedger(t *testing.T, js jetstream.JetStream, conn driver.Conn, loadStart time.Time, outcomes []outcome, execDown window, execName string) {
 	t.Helper()
 	ctx := context.Background()
-	conn, err := clickhouse.Open(&clickhouse.Options{Addr: []string{chAddr}, Auth: clickhouse.Auth{Username: "default"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
 	stream, err := js.Stream(ctx, subjects.StreamUsage)
 	if err != nil {
 		t.Fatal(err)
@@ -593,10 +603,20 @@ func verifyLedger(t *testing.T, js jetstream.JetStream, chAddr string, outcomes 
 			t.Fatalf("seq %d both settled and dead-lettered", seq)
 		}
 	}
+	// A dead letter is only acceptable as a second copy of an event the
+	// ledger holds: any other reason would be a usage event lost.
+	settled := map[string]bool{}
+	for _, r := range rows {
+		settled[r.id] = true
+	}
 	byReason := map[string]int{}
 	for seq, reason := range dead {
-		if _, ok := events[seq]; !ok {
+		ev, ok := events[seq]
+		if !ok {
 			t.Fatalf("dead letter for seq %d, which stream USAGE does not hold", seq)
+		}
+		if reason != settlement.ReasonDuplicate || !settled[ev.ID] {
+			t.Errorf("USAGE seq %d (event %s) dead-lettered as %q, and its event is settled: %v", seq, ev.ID, reason, settled[ev.ID])
 		}
 		byReason[reason]++
 	}
@@ -619,7 +639,6 @@ func verifyLedger(t *testing.T, js jetstream.JetStream, chAddr string, outcomes 
 		rs := byRequest[o.id]
 		seen := map[string]bool{}
 		var prompt, generated, layerTokens int64
-		nodes := map[string]bool{}
 		for _, r := range rs {
 			key := r.node + " " + r.fragment
 			if seen[key] {
@@ -629,7 +648,6 @@ func verifyLedger(t *testing.T, js jetstream.JetStream, chAddr string, outcomes 
 			prompt += r.prompt
 			generated += r.generated
 			layerTokens += r.layerTokens
-			nodes[r.node] = true
 		}
 		switch {
 		case execDown.overlaps(o):
@@ -644,8 +662,14 @@ func verifyLedger(t *testing.T, js jetstream.JetStream, chAddr string, outcomes 
 			wantLayers := int64((promptTokens + maxTokens - 1) * layers)
 			// Over whichever executors the plan of the moment spread it.
 			if prompt != promptTokens || generated != maxTokens || layerTokens != wantLayers {
-				t.Errorf("request %s: usage of %d nodes, %d prompt, %d generated, %d layer-tokens; want %d, %d, %d",
-					o.id, len(nodes), prompt, generated, layerTokens, promptTokens, maxTokens, wantLayers)
+				var parts []string
+				for _, r := range rs {
+					parts = append(parts, fmt.Sprintf("%s %s: %d layer-tokens", r.node, r.fragment, r.layerTokens))
+				}
+				slices.Sort(parts)
+				t.Errorf("request %s (%v to %v into the load): %d prompt, %d generated, %d layer-tokens (%s); want %d, %d, %d",
+					o.id, o.start.Sub(loadStart).Round(time.Millisecond), o.end.Sub(loadStart).Round(time.Millisecond),
+					prompt, generated, layerTokens, strings.Join(parts, "; "), promptTokens, maxTokens, wantLayers)
 			}
 		default:
 			atLeast++
