@@ -36,6 +36,13 @@ test:
 		(cd $$m && $(GO) test -race -count=1 ./...) || exit 1; \
 	done
 
+## chaos: the fault test alone, verbose: a 3-server NATS cluster, every service as a
+## process, ClickHouse; kills a NATS server, an executor and settlement under load
+## and prints what it killed and verified (it also runs in make test)
+chaos:
+	scripts/clickhouse.sh ensure
+	$(GO) test ./e2e/chaos -run TestChaos -count=1 -v
+
 ## vet: go vet in every module
 vet:
 	@for m in $(MODULES); do (cd $$m && $(GO) vet ./...) || exit 1; done

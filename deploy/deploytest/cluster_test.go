@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tessera-grid/tessera/deploy/accounts"
+	"github.com/tessera-grid/tessera/internal/proctest"
 	"github.com/tessera-grid/tessera/pkg/bus"
 	"github.com/tessera-grid/tessera/pkg/subjects"
 )
@@ -43,7 +44,7 @@ func startCluster(t *testing.T, g *grid) ([]*natsServer, string) {
 			"listen: 0.0.0.0:6222", fmt.Sprintf("listen: 127.0.0.1:%d", route[i]),
 			"listen: 0.0.0.0:7422", fmt.Sprintf("listen: 127.0.0.1:%d", leaf[i]),
 		}, routes...)
-		localise(t, "cluster/"+name+".conf", conf, edits...)
+		proctest.Localise(t, "cluster/"+name+".conf", conf, edits...)
 		servers = append(servers, startNATS(t, name, conf, client[i]))
 		urls = append(urls, servers[i].URL)
 	}

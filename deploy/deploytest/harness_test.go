@@ -208,44 +208,6 @@ func checkFor(t testing.TB, timeout, interval time.Duration, f func() error) {
 	}
 }
 
-// deployDir is the repository's deploy/ directory.
-func deployDir(t testing.TB) string {
-	t.Helper()
-	d, err := filepath.Abs("..")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := os.Stat(filepath.Join(d, "nats", "single.conf")); err != nil {
-		t.Fatalf("deploy/nats not found from %s: %v", d, err)
-	}
-	return d
-}
-
-// localise copies deploy/nats/<src> to dst, replacing each old string of
-// edits by its new one, as an operator edits host names, ports and paths
-// for the machines at hand. Every old string must occur: a test that stops
-// matching the shipped file fails instead of testing something else.
-func localise(t testing.TB, src, dst string, edits ...string) {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join(deployDir(t), "nats", src))
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := string(b)
-	for i := 0; i+1 < len(edits); i += 2 {
-		if !strings.Contains(s, edits[i]) {
-			t.Fatalf("%s no longer contains %q", src, edits[i])
-		}
-		s = strings.ReplaceAll(s, edits[i], edits[i+1])
-	}
-	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(dst, []byte(s), 0o644); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // natsServer is a nats-server process.
 type natsServer struct {
 	*process

@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tessera-grid/tessera/deploy/accounts"
+	"github.com/tessera-grid/tessera/internal/proctest"
 	"github.com/tessera-grid/tessera/pkg/config"
 	"github.com/tessera-grid/tessera/pkg/subjects"
 )
@@ -35,7 +36,7 @@ func TestSupplierLeafNode(t *testing.T) {
 	}
 	port := freePorts(t, 1)[0]
 	conf := filepath.Join(g.dir, "site", "leaf.conf")
-	localise(t, "leaf.conf", conf,
+	proctest.Localise(t, "leaf.conf", conf,
 		"server_name: leaf-SUPPLIER", "server_name: leaf-supplier-a",
 		"listen: 127.0.0.1:4222", fmt.Sprintf("listen: 127.0.0.1:%d", port),
 		`"nats-leaf://nats-1:7422"`, fmt.Sprintf("%q", "nats-leaf://"+hubLeafAddr(t, g)),

@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tessera-grid/tessera/deploy/accounts"
+	"github.com/tessera-grid/tessera/internal/proctest"
 	"github.com/tessera-grid/tessera/pkg/bus"
 	"github.com/tessera-grid/tessera/pkg/config"
 	"github.com/tessera-grid/tessera/pkg/subjects"
@@ -29,7 +30,7 @@ func startSingle(t *testing.T) (*grid, *natsServer, *client) {
 	g := newGrid(t)
 	ports := freePorts(t, 3)
 	conf := filepath.Join(g.confDir, "single.conf")
-	localise(t, "single.conf", conf,
+	proctest.Localise(t, "single.conf", conf,
 		"listen: 0.0.0.0:4222", fmt.Sprintf("listen: 127.0.0.1:%d", ports[0]),
 		"http: 127.0.0.1:8222", fmt.Sprintf("http: 127.0.0.1:%d", ports[1]),
 		`store_dir: "/var/lib/nats/jetstream"`, fmt.Sprintf("store_dir: %q", filepath.Join(g.dir, "jetstream")),

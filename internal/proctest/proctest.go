@@ -1,7 +1,8 @@
 // Package proctest runs the grid's programs as separate OS processes for
 // end-to-end tests: it builds the binaries, starts, stops, kills and
 // restarts processes with their output kept in a log file, finds free
-// loopback ports, and starts a project-local ClickHouse server.
+// loopback ports, copies the shipped NATS configuration with local edits,
+// and starts a project-local ClickHouse server.
 package proctest
 
 import (
@@ -55,6 +56,31 @@ func Build(t testing.TB, dir string) {
 		if out, err := cmd.CombinedOutput(); err != nil {
 			t.Fatalf("go build %s: %v\n%s", b[1], err, out)
 		}
+	}
+}
+
+// Localise copies deploy/nats/<src> to dst, replacing each old string of
+// edits by its new one, as an operator edits host names, ports and paths
+// for the machines at hand. Every old string must occur: a test that stops
+// matching the shipped file fails instead of testing something else.
+func Localise(t testing.TB, src, dst string, edits ...string) {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(RepoRoot(t), "deploy", "nats", src))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	for i := 0; i+1 < len(edits); i += 2 {
+		if !strings.Contains(s, edits[i]) {
+			t.Fatalf("%s no longer contains %q", src, edits[i])
+		}
+		s = strings.ReplaceAll(s, edits[i], edits[i+1])
+	}
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dst, []byte(s), 0o644); err != nil {
+		t.Fatal(err)
 	}
 }
 

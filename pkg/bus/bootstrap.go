@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tessera-grid/tessera/pkg/subjects"
@@ -91,29 +92,56 @@ func Buckets(replicas int) []jetstream.KeyValueConfig {
 // updates them to the current configuration. It is idempotent: every service
 // may call it at start, in any order.
 func Bootstrap(ctx context.Context, js jetstream.JetStream, replicas int) error {
+	if replicas < 1 {
+		replicas = 1
+	}
 	for _, sc := range Streams(replicas) {
-		if _, err := js.CreateOrUpdateStream(ctx, sc); err != nil {
+		if err := attempt(ctx, func(ctx context.Context) error {
+			_, err := js.CreateOrUpdateStream(ctx, sc)
+			return err
+		}); err != nil {
 			return fmt.Errorf("stream %s: %w", sc.Name, err)
 		}
 	}
 	for _, kc := range Buckets(replicas) {
-		if _, err := js.CreateOrUpdateKeyValue(ctx, kc); err != nil {
+		if err := attempt(ctx, func(ctx context.Context) error {
+			_, err := js.CreateOrUpdateKeyValue(ctx, kc)
+			return err
+		}); err != nil {
 			return fmt.Errorf("bucket %s: %w", kc.Bucket, err)
 		}
 	}
-	if replicas < 1 {
-		replicas = 1
-	}
-	_, err := js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
-		Bucket:      subjects.ObjectFragments,
-		Description: "fragment blobs and tokenizers, named by sha256",
-		Storage:     jetstream.FileStorage,
-		Replicas:    replicas,
+	err := attempt(ctx, func(ctx context.Context) error {
+		_, err := js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
+			Bucket:      subjects.ObjectFragments,
+			Description: "fragment blobs and tokenizers, named by sha256",
+			Storage:     jetstream.FileStorage,
+			Replicas:    replicas,
+		})
+		return err
 	})
 	if err != nil {
 		return fmt.Errorf("object store %s: %w", subjects.ObjectFragments, err)
 	}
 	return nil
+}
+
+// attemptTimeout bounds one JetStream API request of Bootstrap: on a
+// cluster, a request that reaches a stream while its leader changes goes
+// unanswered, and is sent again rather than waited for until ctx ends.
+const attemptTimeout = 5 * time.Second
+
+// attempt calls f with a context bounded by attemptTimeout until it
+// succeeds, fails for another reason than a timeout, or ctx ends.
+func attempt(ctx context.Context, f func(context.Context) error) error {
+	for {
+		actx, cancel := context.WithTimeout(ctx, attemptTimeout)
+		err := f(actx)
+		cancel()
+		if err == nil || ctx.Err() != nil || !(errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout)) {
+			return err
+		}
+	}
 }
 
 // WaitBootstrapped polls until the bucket exists, for services that start

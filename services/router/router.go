@@ -182,6 +182,10 @@ func serveConsole(ctx context.Context, addr string, c *console.Console, log *slo
 	}, nil
 }
 
+// HdrFailovers, on a completion response that is not streamed, says how
+// many times the request changed route after a stage failed.
+const HdrFailovers = api.HdrFailovers
+
 // Limits are a customer's quotas (zero fields: unlimited).
 type Limits = admission.Limits
 

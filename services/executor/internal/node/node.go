@@ -90,7 +90,11 @@ type Node struct {
 
 	queued   atomic.Int64
 	inflight sync.WaitGroup
-	fetch    struct {
+	// publishing counts releases whose usage is spooled and still being
+	// published: a release hands it over, so that a slow stream never
+	// holds up the releases behind it.
+	publishing sync.WaitGroup
+	fetch      struct {
 		done, total atomic.Int64
 	}
 }
@@ -186,6 +190,13 @@ func (n *Node) Run(ctx context.Context) error {
 	n.stopRunners()
 	wg.Wait()
 	n.releaseAll("executor stopping")
+	n.publishing.Wait()
+	// What earlier releases could not publish gets a last chance, so that a
+	// node stopped in good order leaves nothing in its spool if it can help
+	// it (what stays is published at the next start).
+	fctx, cancel := context.WithTimeout(context.Background(), n.opts.PublishTimeout)
+	defer cancel()
+	n.replay(fctx, 0)
 	return nil
 }
 

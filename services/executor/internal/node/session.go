@@ -289,7 +289,8 @@ func usageID(node string, k sessionKey) string {
 	return hex.EncodeToString(h[:16])
 }
 
-// publishUsage publishes one usage event per session, signed as a batch.
+// publishUsage spools one usage event per session, signed as a batch, and
+// publishes them in the background (Run waits for them before it returns).
 func (n *Node) publishUsage(done []*session, why string) {
 	events := make([]*wire.UsageEvent, 0, len(done))
 	traces := make([]trace.SpanContext, 0, len(done))
@@ -336,18 +337,24 @@ func (n *Node) publishUsage(done []*session, why string) {
 		}
 		entries = append(entries, spool.Entry{ID: u.ID, Data: b, Header: traceHeaders(traces[i])})
 	}
-	// On disk before it leaves: a crash from here on loses nothing.
+	// On disk before it leaves: a crash from here on loses nothing. The
+	// release returns once the events are on disk; they are published in
+	// the background, so that releases queued behind this one (each
+	// holding usage only in memory) are not held up while the stream is
+	// slow to acknowledge, as it is while a NATS server fails over.
 	if n.opts.Spool != nil {
 		if err := n.opts.Spool.Append(entries...); err != nil {
 			n.log.Error("usage not spooled; publishing it without a copy on disk", "events", len(entries), "err", err)
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), n.opts.PublishTimeout)
-	defer cancel()
-	for _, e := range entries {
-		if err := n.publishEntry(ctx, e); err != nil {
-			n.log.Error("usage event not published yet; it stays spooled", "id", e.ID, "err", err)
+	n.publishing.Go(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), n.opts.PublishTimeout)
+		defer cancel()
+		for _, e := range entries {
+			if err := n.publishEntry(ctx, e); err != nil {
+				n.log.Error("usage event not published yet; it stays spooled", "id", e.ID, "err", err)
+			}
 		}
-	}
-	n.log.Debug("usage published", "events", len(events), "why", why)
+		n.log.Debug("usage published", "events", len(entries), "why", why)
+	})
 }

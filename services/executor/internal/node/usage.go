@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -13,6 +14,9 @@ import (
 	"github.com/tessera-grid/tessera/pkg/wire"
 	"github.com/tessera-grid/tessera/services/executor/internal/spool"
 )
+
+// publishAttempt bounds one attempt to publish a usage event.
+const publishAttempt = 5 * time.Second
 
 // traceHeaders returns the trace context headers ("traceparent",
 // "tracestate") that carry sc, so that settlement's spans join the trace
@@ -48,7 +52,12 @@ func (n *Node) publishEntry(ctx context.Context, e spool.Entry) error {
 		}
 		m.Header.Set(wire.HdrMsgID, e.ID)
 		m.Data = e.Data
-		_, err := n.bus.JS.PublishMsg(ctx, m)
+		// Each attempt waits a few seconds for the acknowledgement: one
+		// lost while the connection moves to another server is not waited
+		// for until ctx ends.
+		actx, cancel := context.WithTimeout(ctx, publishAttempt)
+		_, err := n.bus.JS.PublishMsg(actx, m)
+		cancel()
 		if err == nil {
 			n.metrics.usagePublished(ctx)
 			if n.opts.Spool != nil {
@@ -57,6 +66,9 @@ func (n *Node) publishEntry(ctx context.Context, e spool.Entry) error {
 				}
 			}
 			return nil
+		}
+		if errors.Is(err, nats.ErrConnectionClosed) {
+			return err // never coming back: the spool keeps it for the next run
 		}
 		select {
 		case <-ctx.Done():
@@ -71,34 +83,10 @@ func (n *Node) publishEntry(ctx context.Context, e spool.Entry) error {
 // a previous run signed but did not see acknowledged), then, every
 // interval, what a release gave up on.
 func (n *Node) replaySpool(ctx context.Context, interval time.Duration) {
-	sp := n.opts.Spool
-	if sp == nil {
+	if n.opts.Spool == nil {
 		return
 	}
-	replay := func(olderThan time.Duration) {
-		cut := time.Now().Add(-olderThan)
-		var sent, failed int
-		for _, e := range sp.Pending() {
-			if e.Spooled.After(cut) {
-				continue // its release is still publishing it
-			}
-			pctx, cancel := context.WithTimeout(ctx, n.opts.PublishTimeout)
-			err := n.publishEntry(pctx, e)
-			cancel()
-			if err != nil {
-				failed++
-				if ctx.Err() != nil {
-					return
-				}
-				continue
-			}
-			sent++
-		}
-		if sent+failed > 0 {
-			n.log.Info("spooled usage re-published", "events", sent, "still_pending", failed)
-		}
-	}
-	replay(0)
+	n.replay(ctx, 0)
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -106,7 +94,37 @@ func (n *Node) replaySpool(ctx context.Context, interval time.Duration) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			replay(n.opts.PublishTimeout)
+			n.replay(ctx, n.opts.PublishTimeout)
 		}
+	}
+}
+
+// replay publishes the spooled events older than olderThan (younger ones
+// are still being published by their release), until ctx ends.
+func (n *Node) replay(ctx context.Context, olderThan time.Duration) {
+	sp := n.opts.Spool
+	if sp == nil {
+		return
+	}
+	cut := time.Now().Add(-olderThan)
+	var sent, failed int
+	for _, e := range sp.Pending() {
+		if e.Spooled.After(cut) {
+			continue
+		}
+		pctx, cancel := context.WithTimeout(ctx, n.opts.PublishTimeout)
+		err := n.publishEntry(pctx, e)
+		cancel()
+		if err != nil {
+			failed++
+			if ctx.Err() != nil {
+				break
+			}
+			continue
+		}
+		sent++
+	}
+	if sent+failed > 0 {
+		n.log.Info("spooled usage re-published", "events", sent, "still_pending", failed)
 	}
 }

@@ -84,6 +84,7 @@ func TestUsageCarriesTraceAndLeavesSpool(t *testing.T) {
 	}
 	tc := spanContext(t)
 	n.publishUsage([]*session{finished("req-1", tc)}, "test")
+	n.publishing.Wait()
 	msgs := usageMessages(t, c.JS)
 	if len(msgs) != 1 {
 		t.Fatalf("%d usage messages, want 1", len(msgs))
@@ -127,6 +128,7 @@ func TestSpooledUsageIsPublishedLater(t *testing.T) {
 		t.Fatal(err)
 	}
 	n.publishUsage([]*session{finished("req-1", spanContext(t)), finished("req-2", trace.SpanContext{})}, "test")
+	n.publishing.Wait()
 	if sp.Len() != 2 {
 		t.Fatalf("%d events spooled after a failed publish, want 2", sp.Len())
 	}

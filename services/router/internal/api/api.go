@@ -39,6 +39,10 @@ type Authenticator interface {
 	Principal(ctx context.Context, token string) (Principal, error)
 }
 
+// HdrFailovers, on a response that is not streamed, says how many times the
+// request changed route after a stage failed (0 when nothing failed).
+const HdrFailovers = "Tessera-Failovers"
+
 // ErrUnauthorized is returned by an Authenticator for a missing or bad key.
 var ErrUnauthorized = errors.New("invalid API key")
 
@@ -244,6 +248,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, req generate.Requ
 			return
 		}
 		used = res.PromptTokens + len(res.Tokens)
+		w.Header().Set(HdrFailovers, strconv.Itoa(res.Failovers))
 		writeJSON(w, http.StatusOK, shape.full(req, res, created))
 		return
 	}

@@ -56,11 +56,11 @@ func (s *session) expertHolders(l, e int, skip map[string]bool) []string {
 	var out []string
 	frag := expertFragment(s.req.Model, l, e)
 	for _, a := range s.plan.Assignments {
-		if l < a.First || l >= a.End || (len(a.Experts) > 0 && !slices.Contains(a.Experts, e)) || skip[a.Node] || s.e.health.backedOff(a.Node) {
+		if l < a.First || l >= a.End || (len(a.Experts) > 0 && !slices.Contains(a.Experts, e)) || skip[a.Node] {
 			continue
 		}
 		r, ok := s.e.view.Node(a.Node)
-		if !ok || r.State != wire.NodeReady || !s.e.view.Holds(a.Node, frag) {
+		if !ok || r.State != wire.NodeReady || s.e.health.backedOff(a.Node, r.JoinedAt) || !s.e.view.Holds(a.Node, frag) {
 			continue
 		}
 		out = append(out, a.Node)
@@ -73,8 +73,10 @@ func (s *session) expertHolders(l, e int, skip map[string]bool) []string {
 // talking to the same few nodes), else the least busy holder.
 func (s *session) expertHolder(l, e int, skip map[string]bool) (string, bool) {
 	k := [2]int{l, e}
-	if n, ok := s.experts[k]; ok && !skip[n] && !s.e.health.backedOff(n) {
-		return n, true
+	if n, ok := s.experts[k]; ok && !skip[n] {
+		if r, live := s.e.view.Node(n); live && !s.e.health.backedOff(n, r.JoinedAt) {
+			return n, true
+		}
 	}
 	hs := s.expertHolders(l, e, skip)
 	if len(hs) == 0 {
@@ -102,7 +104,7 @@ func (s *session) checkExperts(splits [][]int) error {
 		for _, l := range split {
 			for e := 0; e < groups; e++ {
 				if len(s.expertHolders(l, e, nil)) == 0 {
-					return fmt.Errorf("%w: no live node holds expert %d of layer %d of %s", ErrUnavailable, e, l, s.req.Model)
+					return fmt.Errorf("%w: no live node holds expert %d of layer %d of %s", errHealing, e, l, s.req.Model)
 				}
 			}
 		}

@@ -37,6 +37,11 @@ var (
 	ErrBadRequest = errors.New("invalid request")
 	// ErrUnavailable means no live route could serve the request.
 	ErrUnavailable = errors.New("no capacity")
+	// errHealing (an ErrUnavailable) means a stage of the plan has no
+	// replica to run it now: they left, are loading, or failed moments ago.
+	// The registry and planner react to that (a node back from back-off, a
+	// re-plan), so the request waits for a while before it fails.
+	errHealing = fmt.Errorf("%w", ErrUnavailable)
 )
 
 // Request is one completion to generate.
@@ -295,9 +300,11 @@ func (s *session) step(ctx context.Context) ([]float32, error) {
 	for attempt := 0; attempt < maxAttempts; {
 		if s.route == nil {
 			if err := s.pickRoute(); err != nil {
-				// After a failure, wait for the grid to heal (a re-plan, a
-				// node back from back-off) instead of failing the request.
-				if lastErr == nil || !errors.Is(err, ErrUnavailable) || time.Now().After(deadline) {
+				// After a failure, or while a stage has no replica to run
+				// it, wait for the grid to heal (a re-plan, a node back
+				// from back-off) instead of failing the request.
+				heal := lastErr != nil || errors.Is(err, errHealing)
+				if !heal || !errors.Is(err, ErrUnavailable) || time.Now().After(deadline) {
 					if lastErr != nil {
 						return nil, fmt.Errorf("%w (after: %v)", err, lastErr)
 					}
@@ -314,6 +321,7 @@ func (s *session) step(ctx context.Context) ([]float32, error) {
 		attempt++
 		logits, failed, err := s.send(ctx)
 		if err == nil {
+			s.e.health.succeeded(s.route)
 			return logits, nil
 		}
 		if ctx.Err() != nil {
@@ -505,32 +513,60 @@ type health struct {
 
 type failure struct {
 	count int
-	until time.Time
+	// last is when the node last failed; until is the end of its back-off.
+	last, until time.Time
 }
 
 func newHealth() *health {
 	return &health{fails: map[string]*failure{}, busy: map[string]int{}}
 }
 
+// fail records that node failed. Failures while it is backed off already
+// (other requests' part of the same outage) do not lengthen the back-off.
 func (h *health) fail(node string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	now := time.Now()
 	f := h.fails[node]
 	if f == nil {
 		f = &failure{}
 		h.fails[node] = f
 	}
+	f.last = now
+	if now.Before(f.until) {
+		return
+	}
 	f.count++
-	f.until = time.Now().Add(time.Duration(1<<min(f.count-1, 8)) * 500 * time.Millisecond)
+	f.until = now.Add(time.Duration(1<<min(f.count-1, 8)) * 500 * time.Millisecond)
 }
 
-// backedOff reports whether node failed recently; each failure doubles the
-// back-off (0.5 s, 1 s, 2 s, … up to about 2 minutes).
-func (h *health) backedOff(node string) bool {
+// backedOff reports whether node failed recently; each failure after a
+// back-off ended doubles the next (0.5 s, 1 s, 2 s, … up to about 2
+// minutes). A node that left the grid and joined it again since its last
+// failure (the registry's joined time is later) starts afresh.
+func (h *health) backedOff(node string, joined time.Time) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	f := h.fails[node]
+	if f != nil && joined.After(f.last) {
+		delete(h.fails, node)
+		return false
+	}
 	return f != nil && time.Now().Before(f.until)
+}
+
+// succeeded forgets the failures of the nodes of a route that just served.
+func (h *health) succeeded(route []hop) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if len(h.fails) == 0 {
+		return
+	}
+	for _, hp := range route {
+		if f := h.fails[hp.node]; f != nil && time.Now().After(f.until) {
+			delete(h.fails, hp.node)
+		}
+	}
 }
 
 func (h *health) acquire(node string) {

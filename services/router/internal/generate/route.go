@@ -119,12 +119,17 @@ func (s *session) pickRoute() error {
 	stages := make([]stageCandidates, 0, len(s.plan.Stages))
 	for _, st := range s.plan.Stages {
 		sc := stageCandidates{first: st.First, end: st.End}
+		backedOff := 0
 		for _, id := range st.Replicas {
 			r, ok := s.e.view.Node(id)
-			if !ok || r.State != wire.NodeReady || !holds(r, s.req.Model, st.First, st.End, s.plan.Layers) || s.e.health.backedOff(id) {
+			if !ok || r.State != wire.NodeReady || !holds(r, s.req.Model, st.First, st.End, s.plan.Layers) {
 				continue
 			}
 			if r.Heartbeat.KVTokensFree > 0 && r.Heartbeat.KVTokensFree < need {
+				continue
+			}
+			if s.e.health.backedOff(id, r.JoinedAt) {
+				backedOff++
 				continue
 			}
 			sc.cands = append(sc.cands, candidate{
@@ -133,8 +138,11 @@ func (s *session) pickRoute() error {
 				load:     float64(r.Heartbeat.QueueDepth + s.e.health.inflight(id)),
 			})
 		}
+		if len(sc.cands) == 0 && backedOff > 0 {
+			return fmt.Errorf("%w: every replica holding layers [%d,%d) of %s failed moments ago", errHealing, st.First, st.End, s.req.Model)
+		}
 		if len(sc.cands) == 0 {
-			return fmt.Errorf("%w: no live replica with room holds layers [%d,%d) of %s", ErrUnavailable, st.First, st.End, s.req.Model)
+			return fmt.Errorf("%w: no live replica with room holds layers [%d,%d) of %s", errHealing, st.First, st.End, s.req.Model)
 		}
 		stages = append(stages, sc)
 	}

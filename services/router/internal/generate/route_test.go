@@ -43,3 +43,33 @@ func TestChooseRoute(t *testing.T) {
 		})
 	}
 }
+
+// A node's back-off grows once per outage, not once per request that saw
+// it fail; it ends when the node joins again or serves a route.
+func TestHealthBackOff(t *testing.T) {
+	h := newHealth()
+	joined := time.Now().Add(-time.Hour)
+	for range 20 {
+		h.fail("n1") // twenty requests hit the same dead node
+	}
+	if !h.backedOff("n1", joined) {
+		t.Fatal("n1 not backed off after failing")
+	}
+	if f := h.fails["n1"]; f.count != 1 || time.Until(f.until) > 600*time.Millisecond {
+		t.Fatalf("back-off after one outage: count %d, %v left; want 1 and at most 0.5s", f.count, time.Until(f.until))
+	}
+	// The node restarted and joined the grid again: it starts afresh.
+	if h.backedOff("n1", time.Now()) {
+		t.Fatal("n1 still backed off after joining again")
+	}
+	if _, ok := h.fails["n1"]; ok {
+		t.Fatal("n1's failures kept after it joined again")
+	}
+	// A failure whose back-off has passed is forgotten when the node serves.
+	h.fail("n2")
+	h.fails["n2"].until = time.Now().Add(-time.Millisecond)
+	h.succeeded([]hop{{node: "n2", first: 0, end: 5}})
+	if _, ok := h.fails["n2"]; ok {
+		t.Fatal("n2's failure kept after it served a route")
+	}
+}
