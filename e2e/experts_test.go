@@ -46,6 +46,9 @@ func startExpertGrid(t testing.TB, n, spread int, models map[string]*expertModel
 	o.Router.ExpertLoadInterval = 100 * time.Millisecond
 	o.Planner.Settle = 200 * time.Millisecond
 	o.Planner.ExpertSpread = spread
+	// Nodes holding some of a layer's experts are challenged on what they
+	// hold, often (they claim no speed for these models: no timing).
+	o.Registry.ChallengeEvery = 300 * time.Millisecond
 	o.Executor.HeartbeatInterval = 200 * time.Millisecond
 	o.Executor.Threads = 1
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -447,6 +450,25 @@ func TestMoEExpertsSpreadOverThreeExecutors(t *testing.T) {
 		}
 	}
 	checkExpertLoad(t, g, id, want)
+	// The registry challenged the nodes on the trunks and experts they hold,
+	// and they passed.
+	bustest.CheckFor(t, 10*time.Second, 50*time.Millisecond, func() error {
+		reply, err := g.Admin.NC.Request(subjects.RegistryStats, nil, time.Second)
+		if err != nil {
+			return err
+		}
+		var st wire.RegistryStats
+		if err := json.Unmarshal(reply.Data, &st); err != nil {
+			return err
+		}
+		if st.ChallengesFailed > 0 || st.ByState[wire.NodeQuarantined] > 0 {
+			t.Fatalf("registry stats %+v: a challenge failed", st)
+		}
+		if st.ChallengesPassed < 3 {
+			return fmt.Errorf("%d challenges passed", st.ChallengesPassed)
+		}
+		return nil
+	})
 	// Requests at once share the stage's paused passes and the holders'
 	// expert batches, and keep their own output.
 	const n = 4

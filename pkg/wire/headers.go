@@ -22,7 +22,8 @@ const (
 	// "all" (every row, for evaluation).
 	HdrLogits = "Tessera-Logits"
 	// HdrOp is absent on a stage request that starts a pass at the range's
-	// first layer, and OpResume on one that continues a paused pass.
+	// first layer, and OpResume on one that continues a paused pass. On a
+	// challenge it is absent (run the layers whole), OpTrunk or OpExpert.
 	HdrOp = "Tessera-Op"
 	// HdrSplit lists, comma-separated, the layers of a stage request's range
 	// whose feed-forward network the requester computes on expert holders:
@@ -33,6 +34,8 @@ const (
 	HdrTrunk = "Tessera-Trunk"
 	// HdrLayer is the layer of an expert request.
 	HdrLayer = "Tessera-Layer"
+	// HdrExpert is the expert an OpExpert challenge names.
+	HdrExpert = "Tessera-Expert"
 	// HdrError is set on error replies: "<code>: <message>".
 	HdrError = "Tessera-Error"
 	// HdrNode is set on replies: the node that produced it.
@@ -56,6 +59,14 @@ const (
 // OpResume is HdrOp on a stage request that carries, for a paused pass,
 // the summed expert outputs of the layer it paused at.
 const OpResume = "resume"
+
+// Challenges of nodes holding some of a layer's experts: OpTrunk runs the
+// layer's trunk (compute.TrunkLayer: residual and normalized rows), OpExpert
+// applies one expert (HdrExpert) of the layer to the rows, weight 1.
+const (
+	OpTrunk  = "trunk"
+	OpExpert = "expert"
+)
 
 // Error codes carried in HdrError.
 const (

@@ -52,9 +52,13 @@ type challenger struct {
 	order  []string
 }
 
+// cachedLayer is one challenge's weights: a layer, or (for a model stored
+// as expert groups, groups > 0) one expert of a layer.
 type cachedLayer struct {
-	cfg   wire.ModelConfig
-	layer *compute.Layer
+	cfg    wire.ModelConfig
+	layer  *compute.Layer
+	expert *compute.Expert
+	groups int
 }
 
 // challengeLayerCache is how many layers the challenger keeps computed
@@ -151,12 +155,12 @@ func (c *challenger) schedule(now time.Time) {
 
 // challenge runs one challenge and records its outcome.
 func (c *challenger) challenge(ctx context.Context, j challengeJob) {
-	modelID, layer, held := pickLayer(j)
+	modelID, layer, expert, held := pickLayer(j)
 	if modelID == "" {
 		c.finish(ctx, j.node, "", nil, nil)
 		return
 	}
-	verdict, err := c.try(ctx, j, modelID, layer, held)
+	verdict, err := c.try(ctx, j, modelID, layer, expert, held)
 	if ctx.Err() != nil {
 		c.finish(ctx, j.node, modelID, nil, nil)
 		return
@@ -170,21 +174,25 @@ func (c *challenger) challenge(ctx context.Context, j challengeJob) {
 	c.finish(ctx, j.node, modelID, verdict, nil)
 }
 
-// pickLayer picks a random layer the node holds or, for a node that holds
+// pickLayer picks a random layer fragment the node holds (a layer, or
+// expert of a layer; expert is -1 for a layer) or, for a node that holds
 // none, a random layer of the model it last failed on (held false).
-func pickLayer(j challengeJob) (modelID string, layer int, held bool) {
+func pickLayer(j challengeJob) (modelID string, layer, expert int, held bool) {
 	if ls := heldLayers(j.hb.Fragments); len(ls) > 0 {
 		f := ls[rand.IntN(len(ls))]
 		m, id, _ := strings.Cut(f, "/")
+		if l, e, err := model.ParseExpertID(id); err == nil {
+			return m, l, e, true
+		}
 		_, l, err := model.ParseFragmentID(id)
 		if err == nil {
-			return m, l, true
+			return m, l, -1, true
 		}
 	}
 	if j.retryModel != "" {
-		return j.retryModel, -1, false
+		return j.retryModel, -1, -1, false
 	}
-	return "", 0, false
+	return "", 0, -1, false
 }
 
 // verdict is a challenge's outcome: nil error is a pass.
@@ -193,8 +201,11 @@ type verdict struct {
 }
 
 // try poses the challenge and judges the answer.
-func (c *challenger) try(ctx context.Context, j challengeJob, modelID string, layer int, held bool) (*verdict, error) {
-	cl, layer, err := c.layer(ctx, modelID, layer)
+// A layer of a model stored as expert groups is challenged in parts, as
+// nodes hold it: its trunk (wire.OpTrunk) or one of its experts
+// (wire.OpExpert); other layers whole.
+func (c *challenger) try(ctx context.Context, j challengeJob, modelID string, layer, expert int, held bool) (*verdict, error) {
+	cl, layer, err := c.layer(ctx, modelID, layer, expert)
 	if err != nil {
 		return nil, err
 	}
@@ -204,11 +215,25 @@ func (c *challenger) try(ctx context.Context, j challengeJob, modelID string, la
 	for i := range input {
 		input[i] = float32(rand.NormFloat64())
 	}
-	want, err := compute.ForwardLayers(cfg, layer, []*compute.Layer{cl.layer}, input, rows, c.pool)
+	msg := nats.NewMsg(subjects.Challenge(j.node))
+	var want []float32
+	wantRows := rows
+	switch {
+	case cl.expert != nil:
+		want = make([]float32, len(input))
+		err = cl.expert.Apply(compute.NewWorkspace(c.pool), input, rows, nil, want)
+		msg.Header.Set(wire.HdrOp, wire.OpExpert)
+		msg.Header.Set(wire.HdrExpert, strconv.Itoa(expert))
+	case cl.groups > 0:
+		want, err = compute.TrunkLayer(cfg, layer, cl.layer, input, rows, c.pool)
+		wantRows = 2 * rows
+		msg.Header.Set(wire.HdrOp, wire.OpTrunk)
+	default:
+		want, err = compute.ForwardLayers(cfg, layer, []*compute.Layer{cl.layer}, input, rows, c.pool)
+	}
 	if err != nil {
 		return nil, err
 	}
-	msg := nats.NewMsg(subjects.Challenge(j.node))
 	msg.Header.Set(wire.HdrRequest, "chal-"+nuid.Next())
 	msg.Header.Set(wire.HdrModel, modelID)
 	msg.Header.Set(wire.HdrRange, fmt.Sprintf("%d:%d", layer, layer+1))
@@ -219,6 +244,9 @@ func (c *challenger) try(ctx context.Context, j challengeJob, modelID string, la
 	reply, err := c.r.bus.NC.RequestMsgWithContext(rctx, msg)
 	took := time.Since(start)
 	where := fmt.Sprintf("layer %d of %s", layer, modelID)
+	if cl.expert != nil {
+		where = fmt.Sprintf("expert %d of layer %d of %s", expert, layer, modelID)
+	}
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
@@ -233,8 +261,8 @@ func (c *challenger) try(ctx context.Context, j challengeJob, modelID string, la
 	if err == nil {
 		got, err = f.F32(nil)
 	}
-	if err != nil || f.Rows != rows || f.Cols != cfg.Dim {
-		return &verdict{fmt.Errorf("%w: answer on %s is not a %d×%d frame (%d×%d, %v)", ErrChallengeFailed, where, rows, cfg.Dim, f.Rows, f.Cols, err)}, nil
+	if err != nil || f.Rows != wantRows || f.Cols != cfg.Dim {
+		return &verdict{fmt.Errorf("%w: answer on %s is not a %d×%d frame (%d×%d, %v)", ErrChallengeFailed, where, wantRows, cfg.Dim, f.Rows, f.Cols, err)}, nil
 	}
 	diff, scale := 0.0, 1.0
 	for i := range want {
@@ -272,8 +300,9 @@ func claimedPrefill(hb *wire.Heartbeat, modelID string) float64 {
 }
 
 // layer returns the weights of layer l of the model (a random layer when l
-// is negative), fetched from the object store and verified, and cached.
-func (c *challenger) layer(ctx context.Context, modelID string, l int) (*cachedLayer, int, error) {
+// is negative), or of its expert e when e is not negative, fetched from
+// the object store and verified, and cached.
+func (c *challenger) layer(ctx context.Context, modelID string, l, e int) (*cachedLayer, int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.store == nil {
@@ -290,28 +319,33 @@ func (c *challenger) layer(ctx context.Context, modelID string, l int) (*cachedL
 	if l < 0 {
 		l = rand.IntN(man.Config.Layers)
 	}
-	key := fmt.Sprintf("%s|%s|%d", modelID, man.Created.Format(time.RFC3339Nano), l)
+	key := fmt.Sprintf("%s|%s|%d|%d", modelID, man.Created.Format(time.RFC3339Nano), l, e)
 	if cl := c.layers[key]; cl != nil {
 		return cl, l, nil
 	}
 	var ref *wire.FragmentRef
 	for i := range man.Fragments {
-		if man.Fragments[i].Kind == model.KindLayer && man.Fragments[i].Layer == l {
-			ref = &man.Fragments[i]
+		f := &man.Fragments[i]
+		if f.Layer == l && (e < 0 && f.Kind == model.KindLayer || e >= 0 && f.Expert == e) {
+			ref = f
 		}
 	}
 	if ref == nil {
-		return nil, 0, fmt.Errorf("model %s has no fragment for layer %d", modelID, l)
+		return nil, 0, fmt.Errorf("model %s has no fragment for layer %d (expert %d)", modelID, l, e)
 	}
 	frag, err := c.store.Fragment(ctx, *ref, nil)
 	if err != nil {
 		return nil, 0, err
 	}
-	w, err := compute.LayerFromFragment(man.Config, frag)
+	cl := &cachedLayer{cfg: man.Config, groups: man.ExpertGroups()}
+	if e >= 0 {
+		cl.expert, err = compute.ExpertFromFragment(man.Config, frag)
+	} else {
+		cl.layer, err = compute.LayerFromFragment(man.Config, frag)
+	}
 	if err != nil {
 		return nil, 0, err
 	}
-	cl := &cachedLayer{cfg: man.Config, layer: w}
 	c.layers[key] = cl
 	c.order = append(c.order, key)
 	if len(c.order) > challengeLayerCache {
