@@ -46,6 +46,7 @@ func Measure(cfg wire.ModelConfig, dtype string, pool *compute.Pool, budget time
 	if cfg.Dim <= 0 || cfg.Heads <= 0 || cfg.KVHeads <= 0 || cfg.HiddenDim <= 0 || cfg.SeqLen <= 0 || cfg.Dim%cfg.Heads != 0 {
 		return Result{}, fmt.Errorf("%w: shape %+v", ErrUnsupported, cfg)
 	}
+	cfg = denseEquivalent(cfg)
 	if b := LayerBytes(cfg); b > MaxLayerBytes {
 		return Result{}, fmt.Errorf("%w: one layer needs %d bytes, more than %d", ErrUnsupported, b, MaxLayerBytes)
 	}
@@ -93,6 +94,21 @@ func Measure(cfg wire.ModelConfig, dtype string, pool *compute.Pool, budget time
 func LayerBytes(cfg wire.ModelConfig) int64 {
 	d, kv, h := int64(cfg.Dim), int64(compute.KVDim(cfg)), int64(cfg.HiddenDim)
 	return 4 * (2*d*d + 2*kv*d + 3*h*d + 2*d)
+}
+
+// denseEquivalent is the dense layer shape that does a token's arithmetic
+// in a layer of cfg: a mixture of experts' or a grouped FFN's active
+// experts' neurons as one feed-forward network.
+func denseEquivalent(cfg wire.ModelConfig) wire.ModelConfig {
+	if k := compute.ActiveExperts(cfg); k > 0 {
+		if cfg.Experts > 0 {
+			cfg.HiddenDim *= k
+		} else {
+			cfg.HiddenDim = max(1, cfg.HiddenDim*k/cfg.FFNGroups)
+		}
+	}
+	cfg.Experts, cfg.TopK, cfg.FFNGroups = 0, 0, 0
+	return cfg
 }
 
 // syntheticLayer is a layer of cfg's shape with small random weights.

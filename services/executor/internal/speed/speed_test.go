@@ -26,6 +26,22 @@ func TestMeasure(t *testing.T) {
 	if _, err := Measure(shape, "q8_0", pool, time.Millisecond); !errors.Is(err, ErrUnsupported) {
 		t.Errorf("q8_0: %v, want ErrUnsupported", err)
 	}
+	// A mixture of experts and a grouped FFN are timed as the dense layer
+	// of their active neurons.
+	moe, grouped := shape, shape
+	moe.Experts, moe.TopK = 8, 2
+	grouped.FFNGroups, grouped.TopK = 4, 2
+	for _, c := range []wire.ModelConfig{moe, grouped} {
+		if res, err := Measure(c, "f32", pool, 20*time.Millisecond); err != nil || res.DecodeTokS <= 0 {
+			t.Errorf("%+v: %+v, %v", c, res, err)
+		}
+	}
+	if got := denseEquivalent(moe); got.HiddenDim != 2*shape.HiddenDim || got.Experts != 0 {
+		t.Errorf("mixture timed as %+v", got)
+	}
+	if got := denseEquivalent(grouped); got.HiddenDim != shape.HiddenDim/2 || got.FFNGroups != 0 {
+		t.Errorf("grouped FFN timed as %+v", got)
+	}
 	huge := shape
 	huge.Dim, huge.HiddenDim = 1<<15, 1<<17
 	if _, err := Measure(huge, "f32", pool, time.Millisecond); !errors.Is(err, ErrUnsupported) {
