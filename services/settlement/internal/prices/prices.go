@@ -7,13 +7,16 @@
 //	{
 //	  "version": 3,
 //	  "currency": "USD",
-//	  "models":  {"stories260k": {"prompt_per_1k_micros": 100, "generated_per_1k_micros": 200}, "*": {...}},
-//	  "devices": {"gpu": {"per_million_layer_tokens_micros": 40, "per_gpu_second_micros": 0}, "*": {...}}
+//	  "models":  {"stories260k": {"prompt_per_1k_micros": 100, "generated_per_1k_micros": 200, "per_gflop_micros": 50}, "*": {...}},
+//	  "devices": {"gpu": {"per_million_layer_tokens_micros": 40, "per_gpu_second_micros": 0, "per_gflop_micros": 20}, "*": {...}}
 //	}
 //
-// A customer pays per 1,000 prompt and generated tokens of the model; a
-// supplier earns per million layer-tokens its device class computed plus per
-// second of compute time (GPU-second). A device class is an event's
+// A customer pays per 1,000 prompt and generated tokens of the model plus
+// per 10⁹ floating-point operations computed for its requests (every
+// node's usage event counts its own FLOPs, so a request that activates
+// fewer experts or neuron groups costs less); a supplier earns per million
+// layer-tokens its device class computed, per second of compute time
+// (GPU-second) and per 10⁹ FLOPs. A device class is an event's
 // device_type ("cpu", or the GPU's product name); "*" prices every model or
 // device class without an entry of its own.
 package prices
@@ -47,6 +50,8 @@ type Book struct {
 type ModelPrice struct {
 	PromptPer1K    int64 `json:"prompt_per_1k_micros"`
 	GeneratedPer1K int64 `json:"generated_per_1k_micros"`
+	// PerGFLOP is charged per 10⁹ FLOPs computed for the request.
+	PerGFLOP int64 `json:"per_gflop_micros,omitempty"`
 }
 
 // DevicePrice is what suppliers earn on a device class.
@@ -54,6 +59,8 @@ type DevicePrice struct {
 	PerMillionLayerTokens int64 `json:"per_million_layer_tokens_micros"`
 	// PerGPUSecond is paid per second of compute time on one device.
 	PerGPUSecond int64 `json:"per_gpu_second_micros"`
+	// PerGFLOP is paid per 10⁹ FLOPs the device computed.
+	PerGFLOP int64 `json:"per_gflop_micros,omitempty"`
 }
 
 // Parse decodes and checks a price book.
@@ -74,12 +81,12 @@ func Parse(data []byte) (*Book, error) {
 		return nil, fmt.Errorf("price book %d: currency is empty: %w", b.Version, ErrInvalidBook)
 	}
 	for m, p := range b.Models {
-		if p.PromptPer1K < 0 || p.GeneratedPer1K < 0 {
+		if p.PromptPer1K < 0 || p.GeneratedPer1K < 0 || p.PerGFLOP < 0 {
 			return nil, fmt.Errorf("price book %d: model %q: negative price: %w", b.Version, m, ErrInvalidBook)
 		}
 	}
 	for d, p := range b.Devices {
-		if p.PerMillionLayerTokens < 0 || p.PerGPUSecond < 0 {
+		if p.PerMillionLayerTokens < 0 || p.PerGPUSecond < 0 || p.PerGFLOP < 0 {
 			return nil, fmt.Errorf("price book %d: device class %q: negative price: %w", b.Version, d, ErrInvalidBook)
 		}
 	}
@@ -125,7 +132,11 @@ func (b *Book) Price(ev *wire.UsageEvent) (Price, error) {
 		if err != nil {
 			return p, fmt.Errorf("charge of %q: %w", ev.ID, err)
 		}
-		p.ChargeMicros = c
+		f, err := mulAddDiv(ev.FLOPs, mp.PerGFLOP, 0, 0, 1_000_000_000)
+		if err != nil || c > math.MaxInt64-f {
+			return p, fmt.Errorf("charge of %q: %w", ev.ID, ErrOverflow)
+		}
+		p.ChargeMicros = c + f
 	} else {
 		p.Priced = false
 	}
@@ -139,7 +150,11 @@ func (b *Book) Price(ev *wire.UsageEvent) (Price, error) {
 		if err != nil {
 			return p, fmt.Errorf("earning of %q: %w", ev.ID, err)
 		}
-		p.EarningMicros = e
+		f, err := mulAddDiv(ev.FLOPs, dp.PerGFLOP, 0, 0, 1_000_000_000)
+		if err != nil || e > math.MaxInt64-f {
+			return p, fmt.Errorf("earning of %q: %w", ev.ID, ErrOverflow)
+		}
+		p.EarningMicros = e + f
 	} else {
 		p.Priced = false
 	}

@@ -14,8 +14,10 @@ import (
 const book = `{
   "version": 7,
   "currency": "USD",
-  "models": {"stories260k": {"prompt_per_1k_micros": 150, "generated_per_1k_micros": 600}, "*": {"prompt_per_1k_micros": 1000, "generated_per_1k_micros": 2000}},
-  "devices": {"gpu": {"per_million_layer_tokens_micros": 40000, "per_gpu_second_micros": 250}, "cpu": {"per_million_layer_tokens_micros": 5000}}
+  "models": {"stories260k": {"prompt_per_1k_micros": 150, "generated_per_1k_micros": 600}, "*": {"prompt_per_1k_micros": 1000, "generated_per_1k_micros": 2000},
+    "moe": {"prompt_per_1k_micros": 0, "generated_per_1k_micros": 1000, "per_gflop_micros": 50}},
+  "devices": {"gpu": {"per_million_layer_tokens_micros": 40000, "per_gpu_second_micros": 250}, "cpu": {"per_million_layer_tokens_micros": 5000},
+    "h100": {"per_million_layer_tokens_micros": 0, "per_gpu_second_micros": 0, "per_gflop_micros": 20}}
 }`
 
 func TestPrice(t *testing.T) {
@@ -38,6 +40,10 @@ func TestPrice(t *testing.T) {
 		{"wildcard model", wire.UsageEvent{Model: "other", PromptTokens: 1, GeneratedTokens: 1, DeviceType: "cpu"}, 3, 0, true},
 		{"unknown device", wire.UsageEvent{Model: "stories260k", PromptTokens: 1000, DeviceType: "tpu", LayerTokens: 1e9}, 150, 0, false},
 		{"nothing", wire.UsageEvent{Model: "stories260k", DeviceType: "gpu"}, 0, 0, true},
+		// 10*1000/1000 + 3e9*50/1e9 = 10 + 150; 3e9*20/1e9 = 60
+		{"dense flops", wire.UsageEvent{Model: "moe", GeneratedTokens: 10, DeviceType: "h100", FLOPs: 3_000_000_000}, 160, 60, true},
+		// The same tokens with half the experts active cost less: 10 + 75; 30
+		{"selective flops", wire.UsageEvent{Model: "moe", GeneratedTokens: 10, DeviceType: "h100", FLOPs: 1_500_000_000}, 85, 30, true},
 	}
 	for _, tc := range cases {
 		p, err := b.Price(&tc.ev)
@@ -84,6 +90,8 @@ func TestParseRejects(t *testing.T) {
 		`{"version":0,"currency":"USD"}`,
 		`{"version":1}`,
 		`{"version":1,"currency":"USD","models":{"m":{"prompt_per_1k_micros":-1}}}`,
+		`{"version":1,"currency":"USD","models":{"m":{"per_gflop_micros":-1}}}`,
+		`{"version":1,"currency":"USD","devices":{"d":{"per_gflop_micros":-1}}}`,
 		`{"version":1,"currency":"USD","devices":{"gpu":{"per_gpu_second_micros":-5}}}`,
 		`{"version":1,"currency":"USD","extra":true}`,
 		`{"version":1,"currency":"USD"} {}`,
