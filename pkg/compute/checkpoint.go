@@ -123,6 +123,9 @@ func LayerFromFragment(c wire.ModelConfig, f *model.Fragment) (*Layer, error) {
 		if err == nil {
 			l.ScorerBias, err = f.F32("scorer_bias", c.FFNGroups)
 		}
+		if err == nil {
+			l.Comp, err = compFromFragment(f, c.FFNGroups, d)
+		}
 		l.Experts = make([]*Expert, c.FFNGroups)
 	default:
 		l.W1 = mat("w1", h, d)

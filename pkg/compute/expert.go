@@ -185,6 +185,9 @@ func (p *Pass) Trunk(layer int) error {
 	p.K = ActiveExperts(cfg)
 	s.choose(l, p.Rows, p.K)
 	p.Choices = sc.choices[:p.Rows*p.K]
+	if l.Comp != nil && l.Gate == nil && p.K < len(l.Experts) {
+		s.compensate(l, p)
+	}
 	p.layer, p.next, p.done = layer, layer+1, false
 	return nil
 }

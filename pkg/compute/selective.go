@@ -83,7 +83,7 @@ func FitGrouping(ck *model.Checkpoint, calib [][]int32, groups, topK int, pool *
 		}
 		rows += len(seq)
 	}
-	g := &model.FFNGrouping{TopK: topK, Neurons: make([][][]int, c.Layers), Scorer: make([][]float32, c.Layers), Bias: make([][]float32, c.Layers)}
+	g := &model.FFNGrouping{TopK: topK, Neurons: make([][][]int, c.Layers), Scorer: make([][]float32, c.Layers), Bias: make([][]float32, c.Layers), Comp: make([][]*model.FFNComp, c.Layers)}
 	act := make([]float32, rows*h)
 	for l := 0; l < c.Layers; l++ {
 		x := xs[l]
@@ -96,6 +96,7 @@ func FitGrouping(ck *model.Checkpoint, calib [][]int32, groups, topK int, pool *
 		}
 		g.Neurons[l] = clusterNeurons(act, rows, h, groups)
 		g.Scorer[l], g.Bias[l] = fitScorer(ck.W2[l], act, x, rows, d, h, g.Neurons[l])
+		g.Comp[l] = fitComp(ck.W2[l], act, x, rows, d, h, g.Neurons[l], g.Scorer[l], g.Bias[l], compRank(d))
 	}
 	return g, nil
 }
@@ -223,48 +224,13 @@ func fitScorer(w2, act, x []float32, rows, d, h int, groups [][]int) (scorer, bi
 			}
 			atb[d] += y
 		}
-		sol := solve(append([]float64(nil), ata...), atb, n)
+		sol := solveMulti(append([]float64(nil), ata...), atb, n, 1)
 		for i := 0; i < d; i++ {
 			scorer[gi*d+i] = float32(sol[i])
 		}
 		bias[gi] = float32(sol[d])
 	}
 	return scorer, bias
-}
-
-// solve solves the symmetric positive definite system a·x = b (n×n) by
-// Gaussian elimination with partial pivoting; a and b are overwritten.
-func solve(a, b []float64, n int) []float64 {
-	for col := 0; col < n; col++ {
-		p := col
-		for r := col + 1; r < n; r++ {
-			if math.Abs(a[r*n+col]) > math.Abs(a[p*n+col]) {
-				p = r
-			}
-		}
-		if p != col {
-			for j := 0; j < n; j++ {
-				a[col*n+j], a[p*n+j] = a[p*n+j], a[col*n+j]
-			}
-			b[col], b[p] = b[p], b[col]
-		}
-		for r := col + 1; r < n; r++ {
-			f := a[r*n+col] / a[col*n+col]
-			for j := col; j < n; j++ {
-				a[r*n+j] -= f * a[col*n+j]
-			}
-			b[r] -= f * b[col]
-		}
-	}
-	x := make([]float64, n)
-	for r := n - 1; r >= 0; r-- {
-		s := b[r]
-		for j := r + 1; j < n; j++ {
-			s -= a[r*n+j] * x[j]
-		}
-		x[r] = s / a[r*n+r]
-	}
-	return x
 }
 
 // GroupedLayers returns the layers of the dense ck split by grouping g,
@@ -280,6 +246,9 @@ func GroupedLayers(ck *model.Checkpoint, g *model.FFNGrouping) ([]*Layer, error)
 			return nil, fmt.Errorf("layer %d: %w", i, err)
 		}
 		l.Experts, l.Scorer, l.ScorerBias = ex, NewMatrixF32(len(ex), c.Dim, g.Scorer[i]), g.Bias[i]
+		if g.Comp != nil {
+			l.Comp = g.Comp[i]
+		}
 		l.W1, l.W2, l.W3 = nil, nil, nil
 		layers[i] = l
 	}

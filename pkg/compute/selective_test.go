@@ -217,7 +217,8 @@ func klDiv(p, q []float32) float64 {
 }
 
 // selectiveFLOPs is the dense FFN's FLOPs per token (all layers) and those
-// of the top-k groups plus the scorer (none when every group is active).
+// of the top-k groups plus the scorer and the compensation (none when every
+// group is active).
 func selectiveFLOPs(c wire.ModelConfig, g *model.FFNGrouping, k int) (dense, selective float64) {
 	d := float64(c.Dim)
 	for l := range g.Neurons {
@@ -239,7 +240,84 @@ func selectiveFLOPs(c wire.ModelConfig, g *model.FFNGrouping, k int) (dense, sel
 		}
 		if k < len(g.Neurons[l]) {
 			selective += float64(len(g.Neurons[l])) * (2*d + 1)
+			// The compensation of the skipped groups (the largest rank).
+			rank := 0
+			for _, cp := range g.Comp[l] {
+				if cp != nil {
+					rank = max(rank, cp.R)
+				}
+			}
+			selective += 2 * (2*float64(rank)*d + d)
 		}
 	}
 	return dense, selective
+}
+
+// The compensation of the skipped groups brings a selective model closer
+// to the dense one, on text it was not fitted on, and travels in the
+// layer fragments.
+func TestCompensationLowersDivergence(t *testing.T) {
+	ck, tok := loadDemo(t)
+	pool := NewPool(2)
+	defer pool.Close()
+	calib, err := CalibrationSequences(ck, 16, 128, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := FitGrouping(ck, calib, selectiveGroups, 2, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bare := *g
+	bare.Comp = nil
+	dense, err := StageFromCheckpoint(ck, 0, ck.Config.Layers, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var with, without float64
+	for _, prompt := range []string{"The dog ran to the park", "Tom had a red ball and"} {
+		seq := greedy(t, dense, tokens32(tok.Encode(prompt, true, false)...), 30)
+		d := allLogits(t, dense, seq)
+		a := allLogits(t, groupedStage(t, ck, g, 2, pool), seq)
+		b := allLogits(t, groupedStage(t, ck, &bare, 2, pool), seq)
+		V := ck.Config.Vocab
+		for p := 0; p < len(seq); p++ {
+			with += klDiv(d[p*V:(p+1)*V], a[p*V:(p+1)*V])
+			without += klDiv(d[p*V:(p+1)*V], b[p*V:(p+1)*V])
+		}
+	}
+	if with >= 0.9*without {
+		t.Fatalf("KL to the dense model: %.3f with compensation, %.3f without", with, without)
+	}
+	// Fragments carry it: the layer read back applies the same maps.
+	blobs, _, err := model.Fragments("s", ck, nil, model.FragmentOptions{DType: model.DTypeF32, Grouping: g})
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, bl := range blobs {
+		if bl.Ref.ID != model.LayerFragment(1) {
+			continue
+		}
+		f, err := model.DecodeFragment(bl.Ref.ID, bl.Data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := ck.Config
+		cfg.FFNGroups, cfg.TopK = selectiveGroups, 2
+		l, err := LayerFromFragment(cfg, f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for m, want := range g.Comp[1] {
+			got := l.Comp[m]
+			if (want == nil) != (got == nil) || want != nil && (got.R != want.R || maxDiff(got.U, want.U) != 0 || maxDiff(got.V, want.V) != 0 || maxDiff(got.B, want.B) != 0) {
+				t.Fatalf("set %d: compensation differs after the fragment", m)
+			}
+		}
+		found = true
+	}
+	if !found {
+		t.Fatal("no fragment for layer 1")
+	}
 }

@@ -33,6 +33,10 @@ type Layer struct {
 	ScorerBias []float32
 	// Experts are the layer's experts or neuron groups, by index.
 	Experts []*Expert
+	// Comp reconstructs, for a split dense layer, what the groups a row
+	// did not choose would have added, indexed by the chosen set (bit g
+	// for group g); nil entries add nothing. See GroupComp.
+	Comp []*GroupComp
 }
 
 // Embedding is the token embedding table (vocab × dim); quantized tables

@@ -334,6 +334,31 @@ type FFNGrouping struct {
 	Scorer [][]float32
 	// Bias is, per layer, the scorer's per-group constant (groups values).
 	Bias [][]float32
+	// Comp is, per layer, the compensation for each chosen set of groups
+	// (indexed by the set's bits, 1<<groups entries; nil: none).
+	Comp [][]*FFNComp
+}
+
+// FFNComp is the compensation of a split dense layer for one chosen set of
+// neuron groups: the output the groups not chosen would have added,
+// reconstructed from the FFN's normalized input x as U·(V·x) + B, a rank-R
+// linear map fitted on calibration text.
+type FFNComp struct {
+	// R is the rank of the map.
+	R int
+	// U is dim × R, V is R × dim, B is dim values.
+	U, V, B []float32
+}
+
+// FLOPs is the floating-point operations of applying c to one row.
+func (c *FFNComp) FLOPs(dim int) int { return 2 * (2*c.R*dim + dim) }
+
+// Check verifies c's shapes for a model of width dim.
+func (c *FFNComp) Check(dim int) error {
+	if c.R < 0 || len(c.U) != dim*c.R || len(c.V) != c.R*dim || len(c.B) != dim {
+		return fmt.Errorf("compensation: rank %d with %d, %d and %d values for dim %d", c.R, len(c.U), len(c.V), len(c.B), dim)
+	}
+	return nil
 }
 
 // Groups is the number of groups per layer.
@@ -352,6 +377,18 @@ func (g *FFNGrouping) check(c wire.ModelConfig) error {
 	}
 	for l := range g.Neurons {
 		seen := make([]bool, c.HiddenDim)
+		if g.Comp != nil {
+			if len(g.Comp) != c.Layers || len(g.Comp[l]) != 1<<n {
+				return fmt.Errorf("grouping: layer %d compensation has the wrong number of sets", l)
+			}
+			for _, cp := range g.Comp[l] {
+				if cp != nil {
+					if err := cp.Check(c.Dim); err != nil {
+						return fmt.Errorf("grouping: layer %d: %w", l, err)
+					}
+				}
+			}
+		}
 		if len(g.Neurons[l]) != n || len(g.Scorer[l]) != n*c.Dim || len(g.Bias[l]) != n {
 			return fmt.Errorf("grouping: layer %d has %d groups and %d scorer values, want %d and %d", l, len(g.Neurons[l]), len(g.Scorer[l]), n, n*c.Dim)
 		}
@@ -447,6 +484,17 @@ func Fragments(id string, ck *Checkpoint, tokenizer []byte, opts FragmentOptions
 			ts = append(ts, vec("scorer", grp.Scorer[i]))
 			ts[len(ts)-1].Shape = []int{grp.Groups(), d}
 			ts = append(ts, vec("scorer_bias", grp.Bias[i]))
+			if grp.Comp != nil {
+				for m, cp := range grp.Comp[i] {
+					if cp == nil {
+						continue
+					}
+					// comp.<set>.{u,v,b}: the compensation for chosen set m.
+					ts = append(ts, Tensor{Name: fmt.Sprintf("comp.%d.u", m), Shape: []int{d, cp.R}, Values: cp.U, DType: DTypeF32},
+						Tensor{Name: fmt.Sprintf("comp.%d.v", m), Shape: []int{cp.R, d}, Values: cp.V, DType: DTypeF32},
+						vec(fmt.Sprintf("comp.%d.b", m), cp.B))
+				}
+			}
 			for _, ns := range grp.Neurons[i] {
 				groups = append(groups, neuronGroup(ck, i, ns, mat))
 			}
