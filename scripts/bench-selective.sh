@@ -4,7 +4,7 @@
 # selective_k{1,2,3}_agreement, selective_k2_ffn_flops_saved,
 # selective_k2_messages_per_token and dense_messages_per_token in
 # bench/results.json (TESSERA_BENCH_RESULTS) and rewrites the table in
-# docs/bench/selective.md between its table markers.
+# BENCHMARKS.md between its table markers.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 export TESSERA_BENCH_RESULTS=${TESSERA_BENCH_RESULTS:-$root/bench/results.json}
@@ -12,7 +12,7 @@ mkdir -p "$root/bench/out" "$(dirname "$TESSERA_BENCH_RESULTS")"
 table=$root/bench/out/selective-table.md
 export TESSERA_SELECTIVE_TABLE=$table
 (cd "$root/pkg" && go test ./compute/ -run '^$' -bench '^BenchmarkSelective$' -benchtime 1x -count 1 -timeout 30m)
-doc=$root/docs/bench/selective.md
+doc=$root/BENCHMARKS.md
 awk -v t="$table" '
 	/<!-- table start -->/ { print; while ((getline line < t) > 0) print line; skip = 1; next }
 	/<!-- table end -->/ { skip = 0 }
