@@ -12,6 +12,7 @@ import (
 	"github.com/schollz/progressbar/v3"
 
 	"github.com/tessera-grid/tessera/pkg/bus"
+	"github.com/tessera-grid/tessera/pkg/compute"
 	"github.com/tessera-grid/tessera/pkg/config"
 	"github.com/tessera-grid/tessera/pkg/fragstore"
 	"github.com/tessera-grid/tessera/pkg/model"
@@ -51,6 +52,8 @@ func modelImport(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	tok := fs.String("tokenizer", "", "tokenizer file (default: tok*.bin or tokenizer.bin beside the checkpoint)")
 	id := fs.String("id", "", "model id (default: the file name without extension, lower-case)")
 	dtype := fs.String("dtype", model.DTypeF32, "weight storage: f32, f16 or q8_0")
+	groups := fs.Int("ffn-groups", 0, "cut each dense FFN into this many neuron groups for selective activation (fitted on text the model samples itself)")
+	topK := fs.Int("top-k", 2, "with --ffn-groups: the groups each token activates per layer")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -77,8 +80,14 @@ func modelImport(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err != nil {
 		return err
 	}
+	opts := model.FragmentOptions{DType: *dtype}
+	if *groups > 1 {
+		if opts.Grouping, err = fitGrouping(path, *groups, *topK); err != nil {
+			return fmt.Errorf("model import: %w", err)
+		}
+	}
 	var bar *progressbar.ProgressBar
-	m, err := st.ImportCheckpointWith(ctx, *id, path, *tok, model.FragmentOptions{DType: *dtype}, func(done, total int64) {
+	m, err := st.ImportCheckpointWith(ctx, *id, path, *tok, opts, func(done, total int64) {
 		if bar == nil {
 			bar = progressbar.DefaultBytes(total, "importing "+*id)
 		}
@@ -92,6 +101,23 @@ func modelImport(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	}
 	fmt.Fprintf(stdout, "\nimported %s: %d layers, %d fragments, %d bytes (%s)\n", m.ID, m.Config.Layers, len(m.Fragments), m.TotalBytes, m.DType)
 	return nil
+}
+
+// fitGrouping cuts the dense checkpoint at path into groups neuron groups
+// per FFN with a scorer and compensation fitted on 64 sequences of 128
+// tokens the model samples itself (as the selective benchmark does).
+func fitGrouping(path string, groups, topK int) (*model.FFNGrouping, error) {
+	ck, err := model.LoadCheckpoint(path)
+	if err != nil {
+		return nil, err
+	}
+	pool := compute.NewPool(0)
+	defer pool.Close()
+	calib, err := compute.CalibrationSequences(ck, 64, min(128, ck.Config.SeqLen), pool)
+	if err != nil {
+		return nil, err
+	}
+	return compute.FitGrouping(ck, calib, groups, topK, pool)
 }
 
 func modelList(ctx context.Context, stdout io.Writer) error {
