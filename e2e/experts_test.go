@@ -36,6 +36,18 @@ var moeTestConfig = wire.ModelConfig{Dim: 64, HiddenDim: 96, Layers: 4, Heads: 4
 // startExpertGrid runs n executors whose planner spreads each layer's
 // experts over spread of them, imports ck as model id (fragments as opts
 // says) and waits until every node holds its experts.
+// synthMoE returns the seeded synthetic mixture of experts of these tests,
+// as a model to import, and the prompt's tokens.
+func synthMoE(t testing.TB) (*model.Checkpoint, *expertModel, []int) {
+	t.Helper()
+	ck, err := model.Synthesize(moeTestConfig, 42)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, prompt := demoTokenizer(t, moeTestConfig.Vocab)
+	return ck, &expertModel{ck: ck, tok: tb, groups: moeTestConfig.Experts}, prompt
+}
+
 func startExpertGrid(t testing.TB, n, spread int, models map[string]*expertModel) (*local.Grid, string) {
 	t.Helper()
 	o := testOptions(t)
@@ -405,12 +417,7 @@ func completeGreedy(t testing.TB, base, id string, tokens int) wire.CompletionRe
 // expertload.
 func TestMoEExpertsSpreadOverThreeExecutors(t *testing.T) {
 	const id, steps = "moe-test", 8
-	ck, err := model.Synthesize(moeTestConfig, 42)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tb, prompt := demoTokenizer(t, moeTestConfig.Vocab)
-	m := &expertModel{ck: ck, tok: tb, groups: moeTestConfig.Experts}
+	ck, m, prompt := synthMoE(t)
 	g, base := startExpertGrid(t, 3, 3, map[string]*expertModel{id: m})
 	holders := holderOf(m.plan)
 	for e := 0; e < moeTestConfig.Experts; e++ {
@@ -688,12 +695,8 @@ func TestSelectiveGroupsOnTheGrid(t *testing.T) {
 // the single-process tokens and no expert request.
 func TestMoEWholeOnEachExecutor(t *testing.T) {
 	const id, steps = "moe-whole", 8
-	ck, err := model.Synthesize(moeTestConfig, 42)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tb, prompt := demoTokenizer(t, moeTestConfig.Vocab)
-	g, base := startExpertGrid(t, 2, 0, map[string]*expertModel{id: {ck: ck, tok: tb, groups: moeTestConfig.Experts}})
+	ck, m, prompt := synthMoE(t)
+	g, base := startExpertGrid(t, 2, 0, map[string]*expertModel{id: m})
 	ref := runReference(t, ck, model.FragmentOptions{}, prompt, steps)
 	tr := watchTraffic(t, g, moeTestConfig.Dim, moeTestConfig.Vocab, moeTestConfig.Experts)
 	res := completeGreedy(t, base, id, steps)
@@ -711,12 +714,7 @@ func TestMoEWholeOnEachExecutor(t *testing.T) {
 // request finishes with the single-process tokens.
 func TestExpertHolderFailsOver(t *testing.T) {
 	const id, steps = "moe-failover", 60
-	ck, err := model.Synthesize(moeTestConfig, 42)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tb, prompt := demoTokenizer(t, moeTestConfig.Vocab)
-	m := &expertModel{ck: ck, tok: tb, groups: moeTestConfig.Experts}
+	ck, m, prompt := synthMoE(t)
 	// Two shards over three nodes: one shard lives on two of them.
 	g, base := startExpertGrid(t, 3, 2, map[string]*expertModel{id: m})
 	holders := holderOf(m.plan)

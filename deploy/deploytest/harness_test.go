@@ -136,12 +136,7 @@ func start(t testing.TB, name, prog string, env []string, args ...string) *proce
 		if t.Failed() {
 			t.Logf("--- %s log (last lines) ---\n%s", name, p.tail(40))
 		}
-		if dir := os.Getenv("TESSERA_TEST_LOG_DIR"); dir != "" {
-			// Keep every process's log for a look after the run.
-			if b, err := os.ReadFile(p.log); err == nil {
-				_ = os.WriteFile(filepath.Join(dir, strings.ReplaceAll(t.Name(), "/", "_")+"-"+name+".log"), b, 0o644)
-			}
-		}
+		proctest.KeepLog(t, name, p.log)
 	})
 	return p
 }

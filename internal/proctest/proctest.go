@@ -137,13 +137,19 @@ func Start(t testing.TB, name, bin string, env []string, args ...string) *Proc {
 		if t.Failed() {
 			t.Logf("--- %s log (tail):\n%s", name, p.Tail(40))
 		}
-		if dir := os.Getenv("TESSERA_TEST_LOG_DIR"); dir != "" {
-			if b, err := os.ReadFile(p.log); err == nil {
-				_ = os.WriteFile(filepath.Join(dir, strings.ReplaceAll(t.Name(), "/", "_")+"-"+name+".log"), b, 0o644)
-			}
-		}
+		KeepLog(t, name, p.log)
 	})
 	return p
+}
+
+// KeepLog copies a process's log file into TESSERA_TEST_LOG_DIR, when set,
+// as <test>-<name>.log, for a look after the run.
+func KeepLog(t testing.TB, name, path string) {
+	if dir := os.Getenv("TESSERA_TEST_LOG_DIR"); dir != "" {
+		if b, err := os.ReadFile(path); err == nil {
+			_ = os.WriteFile(filepath.Join(dir, strings.ReplaceAll(t.Name(), "/", "_")+"-"+name+".log"), b, 0o644)
+		}
+	}
 }
 
 func (p *Proc) start() error {
