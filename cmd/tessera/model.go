@@ -104,7 +104,7 @@ func modelImport(ctx context.Context, args []string, stdout, stderr io.Writer) e
 }
 
 // fitGrouping cuts the dense checkpoint at path into groups neuron groups
-// per FFN with a scorer and compensation fitted on 64 sequences of 128
+// per FFN with a scorer and compensation fitted on 1024 sequences of 128
 // tokens the model samples itself (as the selective benchmark does).
 func fitGrouping(path string, groups, topK int) (*model.FFNGrouping, error) {
 	ck, err := model.LoadCheckpoint(path)
@@ -113,7 +113,7 @@ func fitGrouping(path string, groups, topK int) (*model.FFNGrouping, error) {
 	}
 	pool := compute.NewPool(0)
 	defer pool.Close()
-	calib, err := compute.CalibrationSequences(ck, 64, min(128, ck.Config.SeqLen), pool)
+	calib, err := compute.CalibrationSequences(ck, 1024, min(128, ck.Config.SeqLen), pool)
 	if err != nil {
 		return nil, err
 	}

@@ -97,7 +97,7 @@ type selectiveRow struct {
 // (the scorer's included), messages per token, and top-1 agreement and mean
 // KL divergence against the dense model, teacher-forced on the dense
 // model's greedy continuation (60 tokens) of each of 20 prompts
-// (testdata/selective_prompts.txt). The grouping is fitted on 64 sequences
+// (testdata/selective_prompts.txt). The grouping is fitted on 1024 sequences
 // of 128 tokens sampled from the model itself, none of them a prompt.
 //
 // Messages per token assume the demo placement: three pipeline stages
@@ -123,7 +123,7 @@ func BenchmarkSelective(b *testing.B) {
 	const cont = 60
 	var rows []selectiveRow
 	for i := 0; i < b.N; i++ {
-		calib, err := CalibrationSequences(ck, 64, 128, pool)
+		calib, err := CalibrationSequences(ck, 1024, 128, pool)
 		if err != nil {
 			b.Fatal(err)
 		}
