@@ -34,6 +34,7 @@ func (s *Stage) compensate(l *Layer, p *Pass) {
 			continue
 		}
 		c := l.Comp[m]
+		p.items[s.s.rowItem[r]].CompFLOPs += int64(c.FLOPs(dim))
 		x := p.Normed[r*dim : (r+1)*dim]
 		out := p.Residual[r*dim : (r+1)*dim]
 		t := tmp[:0]

@@ -289,6 +289,20 @@ func TestCompensationLowersDivergence(t *testing.T) {
 	if with >= 0.9*without {
 		t.Fatalf("KL to the dense model: %.3f with compensation, %.3f without", with, without)
 	}
+	// Its arithmetic is counted on the items, for the stage node's bill.
+	for _, tc := range []struct {
+		g    *model.FFNGrouping
+		want bool
+	}{{g, true}, {&bare, false}} {
+		seq := tokens32(tok.Encode("Once upon a time", true, false)...)
+		it := &Item{Cache: NewCache(ck.Config, ck.Config.Layers), N: len(seq), Tokens: seq}
+		if err := groupedStage(t, ck, tc.g, 2, pool).Forward([]*Item{it}); err != nil {
+			t.Fatal(err)
+		}
+		if (it.CompFLOPs > 0) != tc.want {
+			t.Fatalf("compensation %v: %d FLOPs counted", tc.want, it.CompFLOPs)
+		}
+	}
 	// Fragments carry it: the layer read back applies the same maps.
 	blobs, _, err := model.Fragments("s", ck, nil, model.FragmentOptions{DType: model.DTypeF32, Grouping: g})
 	if err != nil {

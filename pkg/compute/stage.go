@@ -187,6 +187,10 @@ type Item struct {
 	// every row's (N×vocab) when AllLogits is set.
 	Logits    []float32
 	AllLogits bool
+	// CompFLOPs counts the arithmetic of the compensation of skipped
+	// neuron groups (see GroupComp) done for this item's rows, which the
+	// stage node bills beside its layers.
+	CompFLOPs int64
 }
 
 // scratch holds Forward's working buffers, grown to the largest batch seen.

@@ -153,6 +153,7 @@ func (se *session) account(j *job, took time.Duration, man wire.ModelManifest, w
 		perLayer = trunkFLOPs(cfg, groups) + int64(compute.ActiveExperts(cfg))*6*int64(cfg.Dim)*int64(cfg.HiddenDim/groups)
 	}
 	u.FLOPs += rows * (int64(w.whole)*perLayer + int64(w.trunks)*trunkFLOPs(cfg, man.ExpertGroups()))
+	u.FLOPs += w.compFLOPs
 	if head {
 		logitRows := int64(1)
 		if j.logits == "all" {

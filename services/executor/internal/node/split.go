@@ -19,6 +19,9 @@ import (
 type passWork struct {
 	whole, trunks int
 	final         bool
+	// compFLOPs is the compensation of skipped neuron groups computed for
+	// the job's rows (compute.Item.CompFLOPs).
+	compFLOPs int64
 }
 
 // runSplit runs a batch of passes that pause at split layers (see
@@ -127,6 +130,7 @@ func (n *Node) pauseAt(layer int, pass *compute.Pass, man wire.ModelManifest, ba
 		n.mu.Unlock()
 		sessions[i].cacheBytes.Store(sessions[i].cache.Bytes())
 		took := elapsed * time.Duration(rows) / time.Duration(pass.Rows)
+		w.compFLOPs, items[i].CompFLOPs = items[i].CompFLOPs, 0
 		sessions[i].account(j, took, man, w)
 		if j.msg.Reply != "" {
 			out := nats.NewMsg(j.msg.Reply)

@@ -448,6 +448,7 @@ func (n *Node) runBatch(r *runner, man wire.ModelManifest, batch []*job, items [
 // state for the next stage (the requester, not this node, sends it on).
 func (n *Node) finish(j *job, se *session, it *compute.Item, took time.Duration, man wire.ModelManifest, w passWork) {
 	defer j.span.End()
+	w.compFLOPs, it.CompFLOPs = it.CompFLOPs, 0
 	se.account(j, took, man, w)
 	n.metrics.stageDone(j, took)
 	if j.msg.Reply == "" {
