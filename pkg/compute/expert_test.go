@@ -95,21 +95,30 @@ func trunkOnly(layers []*Layer) []*Layer {
 	return out
 }
 
-func TestSplitMatchesForwardMoE(t *testing.T) {
-	ck, err := model.Synthesize(moeConfig, 7)
+// moeStage synthesizes the test mixture of experts with seed and returns it
+// as one whole stage on a two-worker pool (closed when the test ends).
+func moeStage(t *testing.T, seed uint64) (*Pool, *Stage) {
+	t.Helper()
+	ck, err := model.Synthesize(moeConfig, seed)
 	if err != nil {
 		t.Fatal(err)
 	}
 	pool := NewPool(2)
-	defer pool.Close()
+	t.Cleanup(pool.Close)
 	fused, err := StageFromCheckpoint(ck, 0, moeConfig.Layers, pool)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return pool, fused
+}
+
+func TestSplitMatchesForwardMoE(t *testing.T) {
+	pool, fused := moeStage(t, 7)
 	sr := &splitRun{ws: NewWorkspace(pool)}
 	for _, l := range fused.Layers {
 		sr.experts = append(sr.experts, l.Experts)
 	}
+	var err error
 	sr.trunk, err = NewStage(moeConfig, 0, moeConfig.Layers, fused.Embed, trunkOnly(fused.Layers), fused.Head, pool)
 	if err != nil {
 		t.Fatal(err)

@@ -2,24 +2,13 @@ package compute
 
 import (
 	"testing"
-
-	"github.com/tessera-grid/tessera/pkg/model"
 )
 
 // A pass paused after a layer's trunk, with other batches run on the stage
 // meanwhile, resumes with BeginAt from its residual plus its experts'
 // outputs and gives Forward's logits.
 func TestBeginAtResumesAPausedPass(t *testing.T) {
-	ck, err := model.Synthesize(moeConfig, 11)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := NewPool(2)
-	defer pool.Close()
-	fused, err := StageFromCheckpoint(ck, 0, moeConfig.Layers, pool)
-	if err != nil {
-		t.Fatal(err)
-	}
+	pool, fused := moeStage(t, 11)
 	trunk, err := NewStage(moeConfig, 0, moeConfig.Layers, fused.Embed, trunkOnly(fused.Layers), fused.Head, pool)
 	if err != nil {
 		t.Fatal(err)
