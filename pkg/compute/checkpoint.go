@@ -153,7 +153,15 @@ func ExpertFromFragment(c wire.ModelConfig, f *model.Fragment) (*Expert, error) 
 	if e.W1, err = matrixFromFragment(f, "w1", h, c.Dim); err != nil {
 		return nil, err
 	}
-	if e.W2, err = matrixFromFragment(f, "w2", c.Dim, h); err != nil {
+	// A group of a split dense layer that computes fewer than all groups
+	// uses the down projection refitted for that many, where it has one.
+	w2 := "w2"
+	if c.Experts == 0 && c.TopK > 0 && c.TopK < c.FFNGroups {
+		if _, _, err := f.Tensor(model.DownTensor(c.TopK)); err == nil {
+			w2 = model.DownTensor(c.TopK)
+		}
+	}
+	if e.W2, err = matrixFromFragment(f, w2, c.Dim, h); err != nil {
 		return nil, err
 	}
 	if e.W3, err = matrixFromFragment(f, "w3", h, c.Dim); err != nil {

@@ -55,83 +55,219 @@ func (s *Stage) compensate(l *Layer, p *Pass) {
 	}
 }
 
-// compRidge is the ridge penalty of the compensation fit, relative to the
-// number of rows.
-const compRidge = 1e-3
+// Ridge penalties of the refit, relative to the mean diagonal of the
+// normal equations: the down projection's correction (shrunk toward the
+// dense W2) and the compensation maps.
+const (
+	downRidge = 1e-4
+	compRidge = 1e-3
+)
 
-// fitComp fits, for every set of fewer than all groups that the scorer
-// chooses on some calibration rows (any k), the rank-rank map from the
-// normalized input x to the summed output of the groups not chosen, by
-// ridge regression on those rows, truncated to rank by subspace iteration.
-// w2 is dim × h, act the rows' hidden activations, x their inputs.
-func fitComp(w2, act, x []float32, rows, d, h int, groups [][]int, scorer, bias []float32, rank int) []*model.FFNComp {
-	G := len(groups)
+// fitRefit fits, for every number k of active groups below g's group
+// count, each layer's down projection refitted for k groups (g.Down) and
+// the compensation of each chosen set of k groups (g.Comp), a layer at a
+// time on the selective model's own hidden states over the calibration
+// sequences, so that each layer also corrects what the layers before it
+// left out:
+//
+//  1. the target is the dense model's residual after the layer minus the
+//     selective model's residual after its attention: what the layer's FFN
+//     should add;
+//  2. the chosen groups' down projection is refitted, one matrix for
+//     every set of k groups (a group holder needs to know only k), by
+//     ridge regression of the target on each row's chosen activations
+//     (and a constant per set), shrunk toward the dense W2;
+//  3. what remains is fitted per chosen set by a linear map of the
+//     normalized input x, truncated to rank compRank: the compensation the
+//     stage node adds.
+//
+// dense is the whole dense model in one stage.
+func fitRefit(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, dense *Stage, pool *Pool) error {
+	c := ck.Config
+	G := g.Groups()
+	g.Down = make([][][]float32, c.Layers)
+	g.Comp = make([][]*model.FFNComp, c.Layers)
+	for l := range g.Down {
+		g.Down[l] = make([][]float32, G)
+		g.Comp[l] = make([]*model.FFNComp, 1<<G)
+	}
+	for k := 1; k < G; k++ {
+		gk := *g
+		gk.TopK, gk.Down, gk.Comp = k, nil, nil
+		layers, err := GroupedLayers(ck, &gk)
+		if err != nil {
+			return err
+		}
+		cfg := c
+		cfg.FFNGroups, cfg.TopK = G, k
+		sel, err := NewStage(cfg, 0, c.Layers, &Embedding{Table: NewMatrixF32(c.Vocab, c.Dim, ck.TokenEmbedding)}, layers, nil, pool)
+		if err != nil {
+			return err
+		}
+		items := func() []*Item {
+			out := make([]*Item, len(calib))
+			for i, seq := range calib {
+				out[i] = &Item{Cache: NewCache(c, c.Layers), N: len(seq), Tokens: seq}
+			}
+			return out
+		}
+		dp, err := dense.Begin(items())
+		if err != nil {
+			return err
+		}
+		sp, err := sel.Begin(items())
+		if err != nil {
+			return err
+		}
+		for l := 0; l < c.Layers; l++ {
+			if err := dp.Trunk(l); err != nil {
+				return err
+			}
+			if err := dp.FFN(); err != nil {
+				return err
+			}
+			if err := sp.Trunk(l); err != nil {
+				return err
+			}
+			down, comps := fitLayerRefit(ck, l, g.Neurons[l], sp, dp.Residual, k)
+			g.Down[l][k] = down
+			for m, cp := range comps {
+				if cp != nil {
+					g.Comp[l][m] = cp
+				}
+			}
+			// The selective model runs the layer as fitted, for the next.
+			lay := sel.Layers[l]
+			for e, ns := range g.Neurons[l] {
+				lay.Experts[e].W2 = NewMatrixF32(c.Dim, len(ns), model.NeuronColumns(down, c.Dim, c.HiddenDim, ns))
+			}
+			lay.Comp = comps
+			sel.compensate(lay, sp)
+			if err := sp.FFN(); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// fitLayerRefit fits layer l's down projection for k active groups and
+// the compensation of each set of k groups (see fitRefit) from the
+// selective pass sp, after the layer's trunk, and the dense model's
+// residual after the layer, target.
+func fitLayerRefit(ck *model.Checkpoint, l int, groups [][]int, sp *Pass, target []float32, k int) ([]float32, []*model.FFNComp) {
+	c := ck.Config
+	d, h, G := c.Dim, c.HiddenDim, len(groups)
+	w1, w2, w3 := ck.W1[l], ck.W2[l], ck.W3[l]
+	rows := sp.Rows
+	// Each row's set, chosen activations and the target less the dense
+	// down projection of those activations.
+	sets := make([]int, rows)
+	ys := make([]float64, rows*d)
+	acts := make([][]float32, rows)
+	nf := h + 1<<G // features: activations (zero unless chosen), set
+	ata := make([]float64, nf*nf)
+	aty := make([]float64, nf*d)
+	idx := make([]int, 0, h+1)
+	val := make([]float64, 0, h+1)
+	for r := 0; r < rows; r++ {
+		x := sp.Normed[r*d : (r+1)*d]
+		m := chosenSet(sp.Choices[r*k : (r+1)*k])
+		sets[r] = m
+		y := ys[r*d : (r+1)*d]
+		for i := range y {
+			y[i] = float64(target[r*d+i] - sp.Residual[r*d+i])
+		}
+		idx, val = idx[:0], val[:0]
+		for gi, ns := range groups {
+			if m&(1<<gi) == 0 {
+				continue
+			}
+			for _, n := range ns {
+				a := float64(silu(dot(w1[n*d:(n+1)*d], x)) * dot(w3[n*d:(n+1)*d], x))
+				idx, val = append(idx, n), append(val, a)
+				for i := range y {
+					y[i] -= float64(w2[i*h+n]) * a
+				}
+			}
+		}
+		acts[r] = make([]float32, len(val))
+		for j, v := range val {
+			acts[r][j] = float32(v)
+		}
+		idx, val = append(idx, h+m), append(val, 1)
+		for a, ia := range idx {
+			va := val[a]
+			row := ata[ia*nf:]
+			for b, ib := range idx {
+				row[ib] += va * val[b]
+			}
+			ty := aty[ia*d : (ia+1)*d]
+			for i, yi := range y {
+				ty[i] += va * yi
+			}
+		}
+	}
+	delta := solveRidge(ata, aty, nf, d, downRidge) // nf × d
+	down := make([]float32, d*h)
+	for i := 0; i < d; i++ {
+		for n := 0; n < h; n++ {
+			down[i*h+n] = w2[i*h+n] + float32(delta[n*d+i])
+		}
+	}
+	// What the refitted groups leave: a linear map of x per chosen set.
 	n := d + 1
 	type acc struct {
 		ata, aty []float64
 		rows     int
 	}
 	accs := make([]*acc, 1<<G)
-	og := make([]float64, G*d)
-	sc := make([]float32, G)
-	ch := make([]Choice, G)
 	feat := make([]float64, n)
-	y := make([]float64, d)
 	for r := 0; r < rows; r++ {
-		xr := x[r*d : (r+1)*d]
-		clear(og)
+		m := sets[r]
+		y := ys[r*d : (r+1)*d]
+		j := 0
 		for gi, ns := range groups {
-			o := og[gi*d : (gi+1)*d]
+			if m&(1<<gi) == 0 {
+				continue
+			}
 			for _, nn := range ns {
-				a := float64(act[r*h+nn])
-				for i := 0; i < d; i++ {
-					o[i] += float64(w2[i*h+nn]) * a
+				a := float64(acts[r][j])
+				j++
+				for i := range y {
+					y[i] -= delta[nn*d+i] * a
 				}
 			}
-			sc[gi] = dot(scorer[gi*d:(gi+1)*d], xr) + bias[gi]
 		}
-		for i, v := range xr {
+		for i, v := range sp.Normed[r*d : (r+1)*d] {
 			feat[i] = float64(v)
 		}
 		feat[d] = 1
-		for k := 1; k < G; k++ {
-			topK(ch[:k], sc)
-			m := chosenSet(ch[:k])
-			a := accs[m]
-			if a == nil {
-				a = &acc{ata: make([]float64, n*n), aty: make([]float64, n*d)}
-				accs[m] = a
+		a := accs[m]
+		if a == nil {
+			a = &acc{ata: make([]float64, n*n), aty: make([]float64, n*d)}
+			accs[m] = a
+		}
+		a.rows++
+		for i, fi := range feat {
+			row := a.ata[i*n : (i+1)*n]
+			for j, fj := range feat {
+				row[j] += fi * fj
 			}
-			a.rows++
-			clear(y)
-			for gi := 0; gi < G; gi++ {
-				if m&(1<<gi) == 0 {
-					for i := 0; i < d; i++ {
-						y[i] += og[gi*d+i]
-					}
-				}
-			}
-			for i := 0; i < n; i++ {
-				fi := feat[i]
-				for j := 0; j < n; j++ {
-					a.ata[i*n+j] += fi * feat[j]
-				}
-				for j := 0; j < d; j++ {
-					a.aty[i*d+j] += fi * y[j]
-				}
+			ty := a.aty[i*d : (i+1)*d]
+			for j, yj := range y {
+				ty[j] += fi * yj
 			}
 		}
 	}
-	out := make([]*model.FFNComp, 1<<G)
+	rank := compRank(d, h, G)
+	comps := make([]*model.FFNComp, 1<<G)
 	for m, a := range accs {
 		if a == nil || a.rows < n {
 			continue
 		}
-		for i := 0; i < d; i++ {
-			a.ata[i*n+i] += compRidge * float64(a.rows)
-		}
-		coef := solveMulti(a.ata, a.aty, n, d) // n × d: y ≈ coefᵀ·[x, 1]
-		mat := make([]float64, d*d)            // y = mat·x + b
+		coef := solveRidge(a.ata, a.aty, n, d, compRidge) // y ≈ coefᵀ·[x, 1]
+		mat := make([]float64, d*d)                       // y = mat·x + b
 		b := make([]float32, d)
 		for i := 0; i < d; i++ {
 			for j := 0; j < d; j++ {
@@ -139,10 +275,24 @@ func fitComp(w2, act, x []float32, rows, d, h int, groups [][]int, scorer, bias 
 			}
 			b[i] = float32(coef[d*d+i])
 		}
-		u, v := lowRank(mat, d, min(rank, d))
-		out[m] = &model.FFNComp{R: min(rank, d), U: u, V: v, B: b}
+		u, v := lowRank(mat, d, rank)
+		comps[m] = &model.FFNComp{R: rank, U: u, V: v, B: b}
 	}
-	return out
+	return down, comps
+}
+
+// solveRidge solves (ata + λ·mean(diag ata)·I)·X = aty for X (n × m);
+// ata and aty are overwritten.
+func solveRidge(ata, aty []float64, n, m int, lambda float64) []float64 {
+	var tr float64
+	for i := 0; i < n; i++ {
+		tr += ata[i*n+i]
+	}
+	pen := lambda*tr/float64(n) + 1e-12
+	for i := 0; i < n; i++ {
+		ata[i*n+i] += pen
+	}
+	return solveMulti(ata, aty, n, m)
 }
 
 // solveMulti solves a·X = b for X (n × m), a symmetric positive definite
@@ -258,10 +408,14 @@ func orthonormalize(q []float64, d, r int) {
 	}
 }
 
-// compRank is the rank of the compensation maps for a model of width d:
-// 5/16 of it (20 for stories260K's 64), which keeps their cost under a
-// tenth of a dense FFN's for the usual hidden widths (≥ 2.5·d).
-func compRank(d int) int { return max(1, d*5/16) }
+// compRank is the rank of the compensation maps for a model of width d
+// with hidden FFN neurons in groups groups: the largest that keeps the
+// scorer and the compensation within a tenth of the dense FFN's
+// arithmetic (23 for stories260K's 64 and 172 in 4 groups), at least 1.
+func compRank(d, hidden, groups int) int {
+	budget := 6*d*hidden/10 - groups*(2*d+1) - 2*d
+	return max(1, min(d, budget/(4*d)))
+}
 
 // compFromFragment reads a split layer's compensation tensors
 // (comp.<set>.{u,v,b}), nil when the fragment has none.

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 
+	"github.com/tessera-grid/tessera/pkg/model"
 	"github.com/tessera-grid/tessera/pkg/wire"
 )
 
@@ -381,18 +382,15 @@ func SplitFFN(l *Layer, groups [][]int) ([]*Expert, error) {
 		}
 		w1 := make([]float32, 0, len(ns)*d)
 		w3 := make([]float32, 0, len(ns)*d)
-		w2 := make([]float32, d*len(ns))
-		for j, n := range ns {
+		for _, n := range ns {
 			if n < 0 || n >= h || seen[n] {
 				return nil, fmt.Errorf("%w: neuron %d of group %d is outside 0..%d or in two groups", ErrInput, n, g, h-1)
 			}
 			seen[n] = true
 			w1 = append(w1, l.W1.F32[n*d:(n+1)*d]...)
 			w3 = append(w3, l.W3.F32[n*d:(n+1)*d]...)
-			for i := 0; i < d; i++ {
-				w2[i*len(ns)+j] = l.W2.F32[i*h+n]
-			}
 		}
+		w2 := model.NeuronColumns(l.W2.F32, d, h, ns)
 		out[g] = &Expert{W1: NewMatrixF32(len(ns), d, w1), W2: NewMatrixF32(d, len(ns), w2), W3: NewMatrixF32(len(ns), d, w3)}
 	}
 	for n, ok := range seen {

@@ -19,7 +19,9 @@ import (
 //     so that neurons active on the same tokens share a group;
 //   - scorer: ridge regression, per group, of the norm of the group's output
 //     (‖W2_g·a_g‖) on the normalized input x and a constant, so that the
-//     predictor costs groups × (dim+1) multiply-adds per token.
+//     predictor costs groups × (dim+1) multiply-adds per token;
+//   - for tokens that compute k < groups groups, a refitted down projection
+//     of the groups and a compensation of the skipped ones (comp.go).
 
 // CalibrationSequences returns n token sequences of length tokens sampled
 // from the dense model ck (temperature 1, seeds 1..n, starting at BOS): text
@@ -83,7 +85,7 @@ func FitGrouping(ck *model.Checkpoint, calib [][]int32, groups, topK int, pool *
 		}
 		rows += len(seq)
 	}
-	g := &model.FFNGrouping{TopK: topK, Neurons: make([][][]int, c.Layers), Scorer: make([][]float32, c.Layers), Bias: make([][]float32, c.Layers), Comp: make([][]*model.FFNComp, c.Layers)}
+	g := &model.FFNGrouping{TopK: topK, Neurons: make([][][]int, c.Layers), Scorer: make([][]float32, c.Layers), Bias: make([][]float32, c.Layers)}
 	act := make([]float32, rows*h)
 	for l := 0; l < c.Layers; l++ {
 		x := xs[l]
@@ -96,7 +98,9 @@ func FitGrouping(ck *model.Checkpoint, calib [][]int32, groups, topK int, pool *
 		}
 		g.Neurons[l] = clusterNeurons(act, rows, h, groups)
 		g.Scorer[l], g.Bias[l] = fitScorer(ck.W2[l], act, x, rows, d, h, g.Neurons[l])
-		g.Comp[l] = fitComp(ck.W2[l], act, x, rows, d, h, g.Neurons[l], g.Scorer[l], g.Bias[l], compRank(d))
+	}
+	if err := fitRefit(ck, calib, g, s, pool); err != nil {
+		return nil, err
 	}
 	return g, nil
 }
@@ -235,7 +239,9 @@ func fitScorer(w2, act, x []float32, rows, d, h int, groups [][]int) (scorer, bi
 
 // GroupedLayers returns the layers of the dense ck split by grouping g,
 // each with its scorer and its neuron groups as experts (and no dense FFN,
-// so that every row computes its chosen groups only).
+// so that every row computes its chosen groups only); with fewer than all
+// groups active (g.TopK), the groups use g's refitted down projections
+// and compensation where it has them.
 func GroupedLayers(ck *model.Checkpoint, g *model.FFNGrouping) ([]*Layer, error) {
 	c := ck.Config
 	layers := make([]*Layer, c.Layers)
@@ -244,6 +250,11 @@ func GroupedLayers(ck *model.Checkpoint, g *model.FFNGrouping) ([]*Layer, error)
 		ex, err := SplitFFN(l, g.Neurons[i])
 		if err != nil {
 			return nil, fmt.Errorf("layer %d: %w", i, err)
+		}
+		if k := g.TopK; g.Down != nil && k < len(ex) && g.Down[i][k] != nil {
+			for e, ns := range g.Neurons[i] {
+				ex[e].W2 = NewMatrixF32(c.Dim, len(ns), model.NeuronColumns(g.Down[i][k], c.Dim, c.HiddenDim, ns))
+			}
 		}
 		l.Experts, l.Scorer, l.ScorerBias = ex, NewMatrixF32(len(ex), c.Dim, g.Scorer[i]), g.Bias[i]
 		if g.Comp != nil {

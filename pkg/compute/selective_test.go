@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"os"
+	"sort"
 	"strings"
 	"testing"
 
@@ -21,7 +22,9 @@ func groupedStage(t testing.TB, ck *model.Checkpoint, g *model.FFNGrouping, k in
 	t.Helper()
 	cfg := ck.Config
 	cfg.FFNGroups, cfg.TopK = g.Groups(), k
-	layers, err := GroupedLayers(ck, g)
+	gk := *g
+	gk.TopK = k
+	layers, err := GroupedLayers(ck, &gk)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,6 +125,7 @@ func BenchmarkSelective(b *testing.B) {
 	}
 	const cont = 60
 	var rows []selectiveRow
+	var oracle float64
 	for i := 0; i < b.N; i++ {
 		calib, err := CalibrationSequences(ck, 1024, 128, pool)
 		if err != nil {
@@ -166,6 +170,21 @@ func BenchmarkSelective(b *testing.B) {
 			row.messages = float64(4 + ck.Config.Layers*k)
 			rows = append(rows, row)
 		}
+		// Headroom: the half of each layer's neurons that contribute most
+		// to this token's output, chosen knowing every neuron's output (no
+		// groups, no predictor, no compensation).
+		var agree, n int
+		for p, pr := range prompts {
+			lg := topNeuronLogits(b, ck, dense, seqs[p], ck.Config.HiddenDim/2)
+			V := ck.Config.Vocab
+			for pos := len(pr) - 1; pos < len(seqs[p])-1; pos++ {
+				if Argmax(denseLogits[p][pos*V:(pos+1)*V]) == Argmax(lg[pos*V:(pos+1)*V]) {
+					agree++
+				}
+				n++
+			}
+		}
+		oracle = float64(agree) / float64(n)
 	}
 	b.StopTimer()
 	var tbl strings.Builder
@@ -174,6 +193,7 @@ func BenchmarkSelective(b *testing.B) {
 		fmt.Fprintf(&tbl, "| %d | %.0f of %.0f | %.1f%% | %.0f | %.2f%% | %.4f | %.2g |\n", r.k, r.ffnFLOPs, r.denseFFNFLOP, 100*r.flopsSaved, r.messages, 100*r.agreement, r.kl, r.maxLogitDiffToDense)
 		b.ReportMetric(r.agreement, fmt.Sprintf("k%d_agreement", r.k))
 	}
+	fmt.Fprintf(&tbl, "\nOracle headroom: the %d neurons of each layer with the largest contribution to each token's output, no groups: %.2f%% top-1 agreement.\n", ck.Config.HiddenDim/2, 100*oracle)
 	fmt.Print(tbl.String())
 	if path := os.Getenv("TESSERA_SELECTIVE_TABLE"); path != "" {
 		if err := os.WriteFile(path, []byte(tbl.String()), 0o644); err != nil {
@@ -181,12 +201,13 @@ func BenchmarkSelective(b *testing.B) {
 		}
 	}
 	figs := map[string]float64{
-		"selective_k1_agreement":          rows[0].agreement,
-		"selective_k2_agreement":          rows[1].agreement,
-		"selective_k3_agreement":          rows[2].agreement,
-		"selective_k2_ffn_flops_saved":    rows[1].flopsSaved,
-		"selective_k2_messages_per_token": rows[1].messages,
-		"dense_messages_per_token":        rows[3].messages,
+		"selective_k1_agreement":                  rows[0].agreement,
+		"selective_k2_agreement":                  rows[1].agreement,
+		"selective_k3_agreement":                  rows[2].agreement,
+		"selective_k2_ffn_flops_saved":            rows[1].flopsSaved,
+		"selective_k2_messages_per_token":         rows[1].messages,
+		"dense_messages_per_token":                rows[3].messages,
+		"selective_oracle_half_neurons_agreement": oracle,
 	}
 	if err := benchfig.Record(figs); err != nil {
 		b.Fatal(err)
@@ -253,9 +274,10 @@ func selectiveFLOPs(c wire.ModelConfig, g *model.FFNGrouping, k int) (dense, sel
 	return dense, selective
 }
 
-// The compensation of the skipped groups brings a selective model closer
-// to the dense one, on text it was not fitted on, and travels in the
-// layer fragments.
+// The refit (down projection and compensation of the skipped groups)
+// brings a selective model closer to the dense one, on text it was not
+// fitted on, and travels in the fragments: the compensation in the layer's,
+// each group's refitted columns in the group's.
 func TestCompensationLowersDivergence(t *testing.T) {
 	ck, tok := loadDemo(t)
 	pool := NewPool(2)
@@ -269,7 +291,7 @@ func TestCompensationLowersDivergence(t *testing.T) {
 		t.Fatal(err)
 	}
 	bare := *g
-	bare.Comp = nil
+	bare.Comp, bare.Down = nil, nil
 	dense, err := StageFromCheckpoint(ck, 0, ck.Config.Layers, pool)
 	if err != nil {
 		t.Fatal(err)
@@ -308,8 +330,31 @@ func TestCompensationLowersDivergence(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	found := false
+	cfg := ck.Config
+	cfg.FFNGroups, cfg.TopK = selectiveGroups, 2
+	found, experts := false, 0
 	for _, bl := range blobs {
+		if l, e, err := model.ParseExpertID(bl.Ref.ID); err == nil && l == 1 {
+			// A group's fragment carries its columns of the down projection
+			// refitted for 2 groups, which its holder uses.
+			f, err := model.DecodeFragment(bl.Ref.ID, bl.Data)
+			if err != nil {
+				t.Fatal(err)
+			}
+			x, err := ExpertFromFragment(cfg, f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ns := g.Neurons[1][e]
+			if want := model.NeuronColumns(g.Down[1][2], cfg.Dim, cfg.HiddenDim, ns); maxDiff(x.W2.F32, want) != 0 {
+				t.Fatalf("group %d: the down projection read back is not the refitted one", e)
+			}
+			if maxDiff(x.W2.F32, model.NeuronColumns(ck.W2[1], cfg.Dim, cfg.HiddenDim, ns)) == 0 {
+				t.Fatalf("group %d: the refitted down projection equals the dense one", e)
+			}
+			experts++
+			continue
+		}
 		if bl.Ref.ID != model.LayerFragment(1) {
 			continue
 		}
@@ -317,8 +362,6 @@ func TestCompensationLowersDivergence(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		cfg := ck.Config
-		cfg.FFNGroups, cfg.TopK = selectiveGroups, 2
 		l, err := LayerFromFragment(cfg, f)
 		if err != nil {
 			t.Fatal(err)
@@ -331,7 +374,64 @@ func TestCompensationLowersDivergence(t *testing.T) {
 		}
 		found = true
 	}
-	if !found {
-		t.Fatal("no fragment for layer 1")
+	if !found || experts != selectiveGroups {
+		t.Fatalf("layer 1: fragment found %v, %d group fragments, want %d", found, experts, selectiveGroups)
 	}
+}
+
+// topNeuronLogits runs seq through the dense stage with each layer's FFN
+// reduced, for every row, to the m neurons whose contributions
+// |a_n|·‖W2[:,n]‖ to the row's output are largest, and returns every
+// row's logits.
+func topNeuronLogits(t testing.TB, ck *model.Checkpoint, dense *Stage, seq []int32, m int) []float32 {
+	t.Helper()
+	c := ck.Config
+	d, h := c.Dim, c.HiddenDim
+	it := &Item{Cache: NewCache(c, c.Layers), N: len(seq), Tokens: seq, AllLogits: true}
+	p, err := dense.Begin([]*Item{it})
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := make([]int32, len(seq))
+	for i := range all {
+		all[i] = int32(i)
+	}
+	out := make([]float32, len(seq)*d)
+	act := make([]float32, h)
+	idx := make([]int, h)
+	for l := 0; l < c.Layers; l++ {
+		if err := p.Trunk(l); err != nil {
+			t.Fatal(err)
+		}
+		norm := make([]float32, h)
+		for n := range norm {
+			for i := 0; i < d; i++ {
+				norm[n] += ck.W2[l][i*h+n] * ck.W2[l][i*h+n]
+			}
+		}
+		clear(out)
+		for r := range seq {
+			x := p.Normed[r*d : (r+1)*d]
+			for n := range act {
+				act[n] = silu(dot(ck.W1[l][n*d:(n+1)*d], x)) * dot(ck.W3[l][n*d:(n+1)*d], x)
+				idx[n] = n
+			}
+			sort.Slice(idx, func(i, j int) bool {
+				return act[idx[i]]*act[idx[i]]*norm[idx[i]] > act[idx[j]]*act[idx[j]]*norm[idx[j]]
+			})
+			o := out[r*d : (r+1)*d]
+			for _, n := range idx[:m] {
+				for i := range o {
+					o[i] += ck.W2[l][i*h+n] * act[n]
+				}
+			}
+		}
+		if err := p.Combine(all, out); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := p.Finish(); err != nil {
+		t.Fatal(err)
+	}
+	return it.Logits
 }

@@ -337,6 +337,27 @@ type FFNGrouping struct {
 	// Comp is, per layer, the compensation for each chosen set of groups
 	// (indexed by the set's bits, 1<<groups entries; nil: none).
 	Comp [][]*FFNComp
+	// Down is, per layer and per number k of active groups (index k, k <
+	// groups; nil: none), the down projection refitted for tokens that
+	// compute only k groups: dim × hidden, laid out as the dense W2, of
+	// which each group uses its own neurons' columns in place of W2's.
+	Down [][][]float32
+}
+
+// DownTensor is the name, in a neuron group's fragment, of its down
+// projection refitted for k active groups.
+func DownTensor(k int) string { return fmt.Sprintf("w2.k%d", k) }
+
+// NeuronColumns returns the columns ns, in that order, of the rows × h
+// matrix w (row-major): rows × len(ns) values.
+func NeuronColumns(w []float32, rows, h int, ns []int) []float32 {
+	out := make([]float32, rows*len(ns))
+	for j, n := range ns {
+		for r := 0; r < rows; r++ {
+			out[r*len(ns)+j] = w[r*h+n]
+		}
+	}
+	return out
 }
 
 // FFNComp is the compensation of a split dense layer for one chosen set of
@@ -386,6 +407,16 @@ func (g *FFNGrouping) check(c wire.ModelConfig) error {
 					if err := cp.Check(c.Dim); err != nil {
 						return fmt.Errorf("grouping: layer %d: %w", l, err)
 					}
+				}
+			}
+		}
+		if g.Down != nil {
+			if len(g.Down) != c.Layers || len(g.Down[l]) != n {
+				return fmt.Errorf("grouping: layer %d has refitted down projections for %d group counts, want %d", l, len(g.Down[l]), n)
+			}
+			for k, w := range g.Down[l] {
+				if w != nil && (k == 0 || len(w) != c.Dim*c.HiddenDim) {
+					return fmt.Errorf("grouping: layer %d down projection for %d groups has %d values, want %d×%d", l, k, len(w), c.Dim, c.HiddenDim)
 				}
 			}
 		}
@@ -496,7 +527,11 @@ func Fragments(id string, ck *Checkpoint, tokenizer []byte, opts FragmentOptions
 				}
 			}
 			for _, ns := range grp.Neurons[i] {
-				groups = append(groups, neuronGroup(ck, i, ns, mat))
+				gt := neuronGroup(ck, i, ns, mat)
+				if k := grp.TopK; grp.Down != nil && k < grp.Groups() && grp.Down[i][k] != nil {
+					gt = append(gt, mat(DownTensor(k), d, len(ns), NeuronColumns(grp.Down[i][k], d, f, ns)))
+				}
+				groups = append(groups, gt)
 			}
 			layout.Groups, layout.TopK = grp.Groups(), grp.TopK
 		default:
@@ -562,14 +597,11 @@ func neuronGroup(ck *Checkpoint, i int, ns []int, mat func(string, int, int, []f
 	d, f := ck.Config.Dim, ck.Config.HiddenDim
 	w1 := make([]float32, 0, len(ns)*d)
 	w3 := make([]float32, 0, len(ns)*d)
-	w2 := make([]float32, d*len(ns))
+	w2 := NeuronColumns(ck.W2[i], d, f, ns)
 	idx := make([]float32, len(ns))
 	for j, n := range ns {
 		w1 = append(w1, ck.W1[i][n*d:(n+1)*d]...)
 		w3 = append(w3, ck.W3[i][n*d:(n+1)*d]...)
-		for r := 0; r < d; r++ {
-			w2[r*len(ns)+j] = ck.W2[i][r*f+n]
-		}
 		idx[j] = float32(n)
 	}
 	return []Tensor{mat("w1", len(ns), d, w1), mat("w2", d, len(ns), w2), mat("w3", len(ns), d, w3),

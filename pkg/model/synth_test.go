@@ -3,6 +3,8 @@ package model
 import (
 	"bytes"
 	"math"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/tessera-grid/tessera/pkg/wire"
@@ -86,5 +88,90 @@ func TestSynthesizeTokenizer(t *testing.T) {
 	}
 	if _, err := SynthesizeTokenizer(100, 1); err == nil {
 		t.Fatal("accepted a vocabulary without room for byte tokens")
+	}
+}
+
+// Fragments refuse a grouping whose refitted down projections do not fit
+// the model, naming the layer, and write a group's refitted columns for
+// the grouping's top-k only.
+func TestGroupingDownProjection(t *testing.T) {
+	ck, err := Synthesize(synthShape, 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := ck.Config
+	grouping := func(down func(l int) [][]float32) *FFNGrouping {
+		g := &FFNGrouping{TopK: 1}
+		for l := 0; l < c.Layers; l++ {
+			var ns [][]int
+			for gi := 0; gi < 2; gi++ {
+				var g []int
+				for n := gi; n < c.HiddenDim; n += 2 {
+					g = append(g, n)
+				}
+				ns = append(ns, g)
+			}
+			g.Neurons = append(g.Neurons, ns)
+			g.Scorer = append(g.Scorer, make([]float32, 2*c.Dim))
+			g.Bias = append(g.Bias, make([]float32, 2))
+			g.Down = append(g.Down, down(l))
+		}
+		return g
+	}
+	refit := make([]float32, c.Dim*c.HiddenDim)
+	for i := range refit {
+		refit[i] = float32(i)
+	}
+	for _, tc := range []struct {
+		name string
+		down func(l int) [][]float32
+		err  string
+	}{
+		{"fits", func(int) [][]float32 { return [][]float32{nil, refit} }, ""},
+		{"short", func(l int) [][]float32 { return [][]float32{nil, refit[:l]} }, "layer 0 down projection for 1 groups has 0 values"},
+		{"for zero groups", func(int) [][]float32 { return [][]float32{refit, nil} }, "layer 0 down projection for 0 groups"},
+		{"wrong count", func(int) [][]float32 { return [][]float32{nil} }, "layer 0 has refitted down projections for 1 group counts, want 2"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			blobs, _, err := Fragments("m", ck, nil, FragmentOptions{Grouping: grouping(tc.down)})
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("error %v, want one containing %q", err, tc.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			n := 0
+			for _, b := range blobs {
+				l, e, err := ParseExpertID(b.Ref.ID)
+				if err != nil {
+					continue
+				}
+				f, err := DecodeFragment(b.Ref.ID, b.Data)
+				if err != nil {
+					t.Fatal(err)
+				}
+				ns := []int{}
+				for x := e; x < c.HiddenDim; x += 2 {
+					ns = append(ns, x)
+				}
+				got, err := f.F32(DownTensor(1), c.Dim, len(ns))
+				if err != nil {
+					t.Fatalf("layer %d group %d: %v", l, e, err)
+				}
+				if want := NeuronColumns(refit, c.Dim, c.HiddenDim, ns); !slices.Equal(got, want) {
+					t.Fatalf("layer %d group %d: refitted columns differ", l, e)
+				}
+				if _, _, err := f.Tensor(DownTensor(2)); err == nil {
+					t.Fatalf("layer %d group %d carries a down projection for 2 groups", l, e)
+				}
+				n++
+			}
+			if n != 2*c.Layers {
+				t.Fatalf("%d group fragments, want %d", n, 2*c.Layers)
+			}
+		})
 	}
 }
