@@ -105,8 +105,8 @@ func modelImport(ctx context.Context, args []string, stdout, stderr io.Writer) e
 
 // fitGrouping cuts the dense checkpoint at path into groups neuron groups
 // per FFN with a scorer, refitted down projections and compensation fitted
-// on 1024 sequences of 128
-// tokens the model samples itself (as the selective benchmark does).
+// on 1024 sequences of 128 tokens the model samples itself (as the
+// selective benchmark does).
 func fitGrouping(path string, groups, topK int) (*model.FFNGrouping, error) {
 	ck, err := model.LoadCheckpoint(path)
 	if err != nil {
