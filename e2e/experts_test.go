@@ -225,6 +225,8 @@ type expertCall struct {
 	request string
 	layer   int
 	routed  wire.Routed
+	// local is set for experts the stage node computed itself (HdrHeld).
+	local bool
 }
 
 // watchTraffic subscribes to every subject of the grid.
@@ -256,6 +258,41 @@ func watchTraffic(t testing.TB, g *local.Grid, dim, vocab, groups int) *traffic 
 				return
 			}
 			tr.experts = append(tr.experts, expertCall{node: node, request: m.Header.Get(wire.HdrRequest), layer: l, routed: r})
+			return
+		}
+		if l := m.Header.Get(wire.HdrTrunk); l != "" && m.Header.Get(wire.HdrHeld) != "" {
+			// A paused stage node computed the chosen experts it holds:
+			// those rows reached it as if sent.
+			layer, _ := strconv.Atoi(l)
+			held, err := wire.ParseHeld(m.Header.Get(wire.HdrHeld), groups)
+			if err != nil {
+				t.Errorf("paused answer of %s: %v", m.Header.Get(wire.HdrNode), err)
+				return
+			}
+			r, err := wire.DecodeRouted(m.Data, dim, groups)
+			if err != nil {
+				t.Errorf("paused answer of %s: %v", m.Header.Get(wire.HdrNode), err)
+				return
+			}
+			local := wire.Routed{Dim: dim, K: r.K}
+			for row := 0; row < r.Rows; row++ {
+				es := slices.Clone(r.Experts[row*r.K : (row+1)*r.K])
+				ws := slices.Clone(r.Weights[row*r.K : (row+1)*r.K])
+				any := false
+				for i, e := range es {
+					if e < 0 || !held[e] {
+						es[i], ws[i] = -1, 0
+					} else {
+						any = true
+					}
+				}
+				if any {
+					local.Rows++
+					local.X = append(local.X, r.X[row*dim:(row+1)*dim]...)
+					local.Experts, local.Weights = append(local.Experts, es...), append(local.Weights, ws...)
+				}
+			}
+			tr.experts = append(tr.experts, expertCall{node: m.Header.Get(wire.HdrNode), request: m.Header.Get(wire.HdrRequest), layer: layer, routed: local, local: true})
 			return
 		}
 		if f, err := wire.DecodeFrame(m.Data); err == nil && f.DType == wire.F32 && f.Cols == vocab && f.Rows == 1 {
@@ -599,7 +636,8 @@ func usageTotals(events []wire.UsageEvent) (flops, expertFLOPs, messages int64) 
 	return flops, expertFLOPs, messages
 }
 
-// contacted lists the nodes that got expert requests for request.
+// contacted lists the nodes that computed experts for request: those
+// that got expert requests and stage nodes that computed their own.
 func (tr *traffic) contacted(request string) []string {
 	tr.mu.Lock()
 	defer tr.mu.Unlock()
@@ -709,8 +747,11 @@ func TestMoEWholeOnEachExecutor(t *testing.T) {
 	}
 }
 
-// An executor holding experts dies in the middle of a generation: the
-// router sends its rows to another holder of the same experts, and the
+// An executor computing replicated experts dies in the middle of a
+// generation: a holder the router sent them to (the router sends its rows
+// to the other holder), or the stage node computing them itself (the
+// router moves the stage, whose new node computes them or sends them to
+// the other holder). Either way the other holder takes them over and the
 // request finishes with the single-process tokens.
 func TestExpertHolderFailsOver(t *testing.T) {
 	const id, steps = "moe-failover", 60
@@ -722,18 +763,20 @@ func TestExpertHolderFailsOver(t *testing.T) {
 	tr := watchTraffic(t, g, moeTestConfig.Dim, moeTestConfig.Vocab, moeTestConfig.Experts)
 	done := make(chan wire.CompletionResponse, 1)
 	go func() { done <- completeGreedy(t, base, id, steps) }()
-	// Find the node serving a replicated expert that is not the stage.
+	// Find the node computing a replicated expert: a holder the stage
+	// sends it to, or the stage node computing its own.
 	var victim, spare string
+	var stage bool
 	bustest.CheckFor(t, 30*time.Second, 5*time.Millisecond, func() error {
 		tr.mu.Lock()
 		defer tr.mu.Unlock()
 		for _, c := range tr.experts {
-			if len(tr.stages[c.request]) != 1 || tr.stages[c.request][0] == c.node {
+			if len(tr.stages[c.request]) != 1 || (!c.local && tr.stages[c.request][0] == c.node) {
 				continue
 			}
 			for _, e := range c.routed.Experts {
 				if e >= 0 && len(holders[int(e)]) == 2 {
-					victim = c.node
+					victim, stage = c.node, c.local
 					spare = holders[int(e)][0]
 					if spare == victim {
 						spare = holders[int(e)][1]
@@ -742,7 +785,7 @@ func TestExpertHolderFailsOver(t *testing.T) {
 				}
 			}
 		}
-		return errors.New("no replicated expert served by a node other than the stage yet")
+		return errors.New("no replicated expert computed yet")
 	})
 	if err := g.Kill(victim); err != nil {
 		t.Fatal(err)
@@ -752,7 +795,13 @@ func TestExpertHolderFailsOver(t *testing.T) {
 		t.Fatalf("tokens after losing %s: %v, single process %v", victim, res.Tokens, ref.tokens)
 	}
 	tr.wait(t, res.ID)
+	if stage {
+		// The stage moved (and with it, or to the spare, its experts):
+		// the tokens above are what this case asserts.
+		t.Logf("the stage node %s computing its own replicated experts died", victim)
+		return
+	}
 	if c := tr.contacted(res.ID); !slices.Contains(c, spare) {
-		t.Fatalf("the spare holder %s of %s's experts got no expert request (contacted %v)", spare, victim, c)
+		t.Fatalf("the spare holder %s of %s's experts got none of them (reached %v)", spare, victim, c)
 	}
 }

@@ -307,6 +307,50 @@ func (p *Pass) FFN() error {
 	return nil
 }
 
+// FFNHeld computes the current layer's chosen experts that this stage
+// holds (the layer's non-nil Experts) on the rows that chose them and adds
+// their outputs to the residual, leaving the rows' other choices to their
+// holders (Combine). It returns which experts it computed, and counts
+// their arithmetic in the items' ExpertFLOPs.
+func (p *Pass) FFNHeld() ([]bool, error) {
+	s := p.s
+	if s == nil || p.layer < 0 || p.done {
+		return nil, fmt.Errorf("%w: FFN without a trunk", ErrPassOrder)
+	}
+	l := s.Layers[p.layer-s.First]
+	if p.K == 0 {
+		return nil, fmt.Errorf("%w: layer %d is not split into experts", ErrPassOrder, p.layer)
+	}
+	dim := s.Config.Dim
+	sc := &s.s
+	held := make([]bool, len(l.Experts))
+	for e, x := range l.Experts {
+		if x == nil {
+			continue
+		}
+		sc.routeRows, sc.routeW = p.Routed(e, sc.routeRows[:0], sc.routeW[:0])
+		n := len(sc.routeRows)
+		if n == 0 {
+			continue
+		}
+		held[e] = true
+		sc.ex = p.Gather(sc.routeRows, sc.ex)
+		sc.eout = grow(sc.eout, n*dim)
+		if err := x.Apply(s.ws, sc.ex, n, sc.routeW, sc.eout); err != nil {
+			return nil, err
+		}
+		if err := p.Combine(sc.routeRows, sc.eout); err != nil {
+			return nil, err
+		}
+		// SwiGLU: three products of dim × hidden, two FLOPs per multiply-add.
+		f := 6 * int64(dim) * int64(x.Hidden())
+		for _, r := range sc.routeRows {
+			p.items[sc.rowItem[r]].ExpertFLOPs += f
+		}
+	}
+	return held, nil
+}
+
 // Routed appends to rows the batch rows that chose expert e in the current
 // layer, and to weights their weights, and returns both.
 func (p *Pass) Routed(e int, rows []int32, weights []float32) ([]int32, []float32) {

@@ -22,6 +22,9 @@ type splitRun struct {
 	experts [][]*Expert // [layer][expert]
 	ws      *Workspace
 	sent    []int // rows reaching an expert, summed over layers
+	// held: the trunk stage computes the experts it holds (Pass.FFNHeld)
+	// and only the others are sent.
+	held bool
 }
 
 func (sr *splitRun) forward(t *testing.T, items []*Item) {
@@ -43,9 +46,16 @@ func (sr *splitRun) forward(t *testing.T, items []*Item) {
 			}
 			continue
 		}
+		held := make([]bool, len(sr.experts[l-sr.trunk.First]))
+		if sr.held {
+			var err error
+			if held, err = p.FFNHeld(); err != nil {
+				t.Fatal(err)
+			}
+		}
 		for e, ex := range sr.experts[l-sr.trunk.First] {
 			rows, w = p.Routed(e, rows[:0], w[:0])
-			if len(rows) == 0 {
+			if len(rows) == 0 || held[e] {
 				continue
 			}
 			x = p.Gather(rows, x)
@@ -171,6 +181,72 @@ func TestSplitMatchesForwardMoE(t *testing.T) {
 		if !u {
 			t.Errorf("expert %d of the last layer never chosen: the gate does not route", e)
 		}
+	}
+}
+
+// A stage holding some experts of its layers computes those itself
+// (FFNHeld), counting their arithmetic on the items; with the others
+// computed elsewhere the result is Forward's, and rows reach other nodes
+// only for the experts the stage lacks.
+func TestFFNHeldComputesOwnExperts(t *testing.T) {
+	pool, fused := moeStage(t, 11)
+	sr := &splitRun{ws: NewWorkspace(pool), held: true}
+	trunk := trunkOnly(fused.Layers)
+	for i, l := range fused.Layers {
+		sr.experts = append(sr.experts, l.Experts)
+		trunk[i].Experts[0], trunk[i].Experts[2] = l.Experts[0], l.Experts[2]
+	}
+	var err error
+	sr.trunk, err = NewStage(moeConfig, 0, moeConfig.Layers, fused.Embed, trunk, fused.Head, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	prompt := tokens32(1, 40, 77, 123, 9, 250, 31, 8, 19, 64)
+	fi := &Item{Cache: NewCache(moeConfig, 3), N: len(prompt), Tokens: prompt, AllLogits: true}
+	si := &Item{Cache: NewCache(moeConfig, 3), N: len(prompt), Tokens: prompt, AllLogits: true}
+	if err := fused.Forward([]*Item{fi}); err != nil {
+		t.Fatal(err)
+	}
+	// Count, per row, the choices of held experts, layer by layer, from a
+	// stage that pauses after each trunk.
+	heldChoices := make([]int, len(prompt))
+	probe, err := NewStage(moeConfig, 0, moeConfig.Layers, fused.Embed, fused.Layers, fused.Head, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := probe.Begin([]*Item{{Cache: NewCache(moeConfig, 3), N: len(prompt), Tokens: prompt}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for l := 0; l < moeConfig.Layers; l++ {
+		if err := p.Trunk(l); err != nil {
+			t.Fatal(err)
+		}
+		for i, c := range p.Choices {
+			if c.Expert == 0 || c.Expert == 2 {
+				heldChoices[i/p.K]++
+			}
+		}
+		if err := p.FFN(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sr.forward(t, []*Item{si})
+	if d := maxDiff(fi.Logits, si.Logits); d > 1e-4 {
+		t.Fatalf("logits differ from Forward's by %g", d)
+	}
+	total := 0
+	for r, n := range sr.sent {
+		if want := moeConfig.TopK*moeConfig.Layers - heldChoices[r]; n != want {
+			t.Errorf("row %d reached %d experts elsewhere, want %d (%d of its choices are held)", r, n, want, heldChoices[r])
+		}
+		total += heldChoices[r]
+	}
+	if total == 0 {
+		t.Fatal("no row chose a held expert: the test shows nothing")
+	}
+	if want := int64(total) * 6 * int64(moeConfig.Dim) * int64(moeConfig.HiddenDim); si.ExpertFLOPs != want {
+		t.Fatalf("%d expert FLOPs counted, want %d", si.ExpertFLOPs, want)
 	}
 }
 

@@ -191,6 +191,10 @@ type Item struct {
 	// neuron groups (see GroupComp) done for this item's rows, which the
 	// stage node bills beside its layers.
 	CompFLOPs int64
+	// ExpertFLOPs counts the arithmetic of the experts (or neuron groups)
+	// of split layers that this stage computed for the item's rows itself
+	// (Pass.FFNHeld), which it bills beside its layers.
+	ExpertFLOPs int64
 }
 
 // scratch holds Forward's working buffers, grown to the largest batch seen.

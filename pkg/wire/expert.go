@@ -3,6 +3,8 @@ package wire
 import (
 	"fmt"
 	"math"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -18,8 +20,10 @@ const SchemaExpertLoad = "expert_load"
 //     gate (or the group predictor) choose each row's experts, and answers
 //     with HdrTrunk set to the layer and a Routed payload. It keeps the
 //     residual in the request's session.
+//     The stage node computes the chosen experts it holds itself, adds
+//     them to the residual and names them in HdrHeld (FormatHeld).
 //  2. The router sends every expert holder, on subjects.Expert(node), the
-//     rows that chose one of its experts (a Routed payload holding only
+//     rows that chose one of its other experts (a Routed payload holding only
 //     those rows and experts; header HdrLayer). The holder answers with one
 //     F32 frame, rows×dim: per row the weighted sum of its experts' outputs.
 //  3. The router sums the answers per row and sends them back to the stage
@@ -179,4 +183,36 @@ func satAdd(a, b int64) int64 {
 		return math.MaxInt64
 	}
 	return a + b
+}
+
+// FormatHeld is the HdrHeld value naming the experts e with held[e] set.
+func FormatHeld(held []bool) string {
+	var b strings.Builder
+	for e, h := range held {
+		if !h {
+			continue
+		}
+		if b.Len() > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(strconv.Itoa(e))
+	}
+	return b.String()
+}
+
+// ParseHeld parses an HdrHeld value for a layer of experts experts: which
+// experts the stage node computed ("" is none).
+func ParseHeld(v string, experts int) ([]bool, error) {
+	held := make([]bool, experts)
+	if v == "" {
+		return held, nil
+	}
+	for _, f := range strings.Split(v, ",") {
+		e, err := strconv.Atoi(f)
+		if err != nil || e < 0 || e >= experts || held[e] {
+			return nil, fmt.Errorf("%w: %s %q: %q is not a distinct expert in [0,%d)", ErrFrame, HdrHeld, v, f, experts)
+		}
+		held[e] = true
+	}
+	return held, nil
 }

@@ -2,6 +2,8 @@ package wire
 
 import (
 	"errors"
+	"slices"
+	"strings"
 	"testing"
 )
 
@@ -69,6 +71,48 @@ func FuzzDecodeRouted(f *testing.F) {
 			if e < -1 || e >= 4 {
 				t.Fatalf("accepted expert %d", e)
 			}
+		}
+	})
+}
+
+// HdrHeld round-trips and names what is wrong with a bad value.
+func TestHeldHeader(t *testing.T) {
+	held := []bool{false, true, false, true}
+	v := FormatHeld(held)
+	if v != "1,3" {
+		t.Fatalf("FormatHeld = %q, want 1,3", v)
+	}
+	got, err := ParseHeld(v, 4)
+	if err != nil || !slices.Equal(got, held) {
+		t.Fatalf("ParseHeld(%q) = %v, %v", v, got, err)
+	}
+	if got, err := ParseHeld("", 4); err != nil || slices.Contains(got, true) {
+		t.Fatalf("empty value: %v, %v", got, err)
+	}
+	for _, bad := range []string{"4", "-1", "1,1", "x", "1,", ","} {
+		if _, err := ParseHeld(bad, 4); err == nil || !strings.Contains(err.Error(), HdrHeld) {
+			t.Errorf("ParseHeld(%q): %v, want an error naming %s", bad, err, HdrHeld)
+		}
+	}
+}
+
+// FuzzParseHeld: the header comes from the network; ParseHeld refuses it
+// or returns one flag per expert, and formats back to what it parsed.
+func FuzzParseHeld(f *testing.F) {
+	f.Add("0,2")
+	f.Add("")
+	f.Add("7,")
+	f.Fuzz(func(t *testing.T, v string) {
+		held, err := ParseHeld(v, 8)
+		if err != nil {
+			return
+		}
+		if len(held) != 8 {
+			t.Fatalf("%d flags for 8 experts", len(held))
+		}
+		again, err := ParseHeld(FormatHeld(held), 8)
+		if err != nil || !slices.Equal(again, held) {
+			t.Fatalf("%q parsed to %v, which formats to one that parses to %v (%v)", v, held, again, err)
 		}
 	})
 }

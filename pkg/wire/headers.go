@@ -32,6 +32,11 @@ const (
 	// HdrTrunk is set on the reply of a stage node that paused: the layer
 	// whose experts the requester must now compute.
 	HdrTrunk = "Tessera-Trunk"
+	// HdrHeld is set on the reply of a stage node that paused: the
+	// experts of the layer, comma-separated, that it holds itself and
+	// already computed and added for the rows that chose them; the
+	// requester sends only the rows' other choices to holders.
+	HdrHeld = "Tessera-Held"
 	// HdrLayer is the layer of an expert request.
 	HdrLayer = "Tessera-Layer"
 	// HdrExpert is the expert an OpExpert challenge names.

@@ -250,7 +250,7 @@ func (n *Node) runExpertBatch(r *expertRunner, man wire.ModelManifest, batch []*
 			continue
 		}
 		took := elapsed * time.Duration(rows) / time.Duration(total)
-		n.expertSession(j).accountExperts(j, flops[bi], took)
+		n.expertSession(j.request, j.model, j.customer, j.origin, j.layer).accountExperts(j.layer, flops[bi], took, true)
 		if j.msg.Reply != "" {
 			m := nats.NewMsg(j.msg.Reply)
 			m.Header.Set(wire.HdrNode, n.opts.ID)

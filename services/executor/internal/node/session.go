@@ -68,26 +68,31 @@ type pause struct {
 	residual []float32
 }
 
-// expertSession returns j's expert session, creating it on first use.
-func (n *Node) expertSession(j *expertJob) *session {
-	return n.openSession(expertSessionKey(j.request, j.model), j.customer, j.origin, func(se *session) {
-		se.expertLayers = [2]int{j.layer, j.layer}
+// expertSession returns the expert session of request for model,
+// creating it on first use (for an expert of layer).
+func (n *Node) expertSession(request, model, customer string, origin trace.SpanContext, layer int) *session {
+	return n.openSession(expertSessionKey(request, model), customer, origin, func(se *session) {
+		se.expertLayers = [2]int{layer, layer}
 	})
 }
 
-// accountExperts adds one served expert request to the session's usage:
-// a message, the arithmetic of the experts it applied, and its time. Its
-// tokens are billed by the stage with the head, like every other stage's.
-func (se *session) accountExperts(j *expertJob, flops int64, took time.Duration) {
+// accountExperts adds experts of layer applied for the request to the
+// session's usage: their arithmetic and time, and a message when they were
+// asked for by one (a stage node's own experts come with its stage
+// message). Its tokens are billed by the stage with the head, like every
+// other stage's.
+func (se *session) accountExperts(layer int, flops int64, took time.Duration, message bool) {
 	se.mu.Lock()
 	defer se.mu.Unlock()
 	u := &se.usage
-	u.Messages++
+	if message {
+		u.Messages++
+	}
 	u.FLOPs += flops
 	u.ComputeUS += took.Microseconds()
 	u.End = time.Now().UTC()
-	se.expertLayers[0] = min(se.expertLayers[0], j.layer)
-	se.expertLayers[1] = max(se.expertLayers[1], j.layer)
+	se.expertLayers[0] = min(se.expertLayers[0], layer)
+	se.expertLayers[1] = max(se.expertLayers[1], layer)
 }
 
 // session returns j's session, creating it on first use.

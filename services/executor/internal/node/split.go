@@ -87,7 +87,14 @@ func (n *Node) runSplit(r *runner, man wire.ModelManifest, batch []*job, session
 			return
 		}
 		if slices.Contains(j0.split, l) {
-			n.pauseAt(l, pass, man, batch, sessions, items, time.Since(start), passWork{whole: whole, trunks: 1})
+			// The chosen experts held here are computed here: their rows
+			// need no message.
+			held, err := pass.FFNHeld()
+			if err != nil {
+				fail(err)
+				return
+			}
+			n.pauseAt(l, pass, man, batch, sessions, items, time.Since(start), passWork{whole: whole, trunks: 1}, held)
 			return
 		}
 		if err := pass.FFN(); err != nil {
@@ -113,8 +120,9 @@ func (n *Node) runSplit(r *runner, man wire.ModelManifest, batch []*job, session
 
 // pauseAt ends a pass after the trunk of layer: each job's residual stays
 // in its session and its answer carries its rows' normalized states with
-// their expert choices (wire.Routed), HdrTrunk naming the layer.
-func (n *Node) pauseAt(layer int, pass *compute.Pass, man wire.ModelManifest, batch []*job, sessions []*session, items []*compute.Item, elapsed time.Duration, w passWork) {
+// their expert choices (wire.Routed), HdrTrunk naming the layer and
+// HdrHeld the experts already computed here (held).
+func (n *Node) pauseAt(layer int, pass *compute.Pass, man wire.ModelManifest, batch []*job, sessions []*session, items []*compute.Item, elapsed time.Duration, w passWork, held []bool) {
 	dim := man.Config.Dim
 	r0 := 0
 	for i, j := range batch {
@@ -132,10 +140,19 @@ func (n *Node) pauseAt(layer int, pass *compute.Pass, man wire.ModelManifest, ba
 		took := elapsed * time.Duration(rows) / time.Duration(pass.Rows)
 		w.compFLOPs, items[i].CompFLOPs = items[i].CompFLOPs, 0
 		sessions[i].account(j, took, man, w)
+		if f := items[i].ExpertFLOPs; f > 0 {
+			// The experts computed here are billed as an expert holder's.
+			items[i].ExpertFLOPs = 0
+			n.expertSession(j.request, j.model, j.customer, j.origin, layer).accountExperts(layer, f, 0, false)
+		}
 		if j.msg.Reply != "" {
 			out := nats.NewMsg(j.msg.Reply)
 			out.Header.Set(wire.HdrNode, n.opts.ID)
+			out.Header.Set(wire.HdrRequest, j.request)
 			out.Header.Set(wire.HdrTrunk, strconv.Itoa(layer))
+			if h := wire.FormatHeld(held); h != "" {
+				out.Header.Set(wire.HdrHeld, h)
+			}
 			out.Header.Set(wire.HdrComputeUS, strconv.FormatInt(took.Microseconds(), 10))
 			out.Data = wire.AppendRouted(nil, rt)
 			telemetry.Inject(j.ctx, out)

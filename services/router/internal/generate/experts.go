@@ -23,9 +23,10 @@ import (
 // of a dense FFN's neurons) stores each group as its own fragment
 // ("layer.<l>.expert.<e>"), and a plan may spread one layer's groups over
 // several nodes. A hop whose node lacks some groups of a layer pauses there
-// (wire/expert.go): the router sends each row's normalized hidden state
-// only to the nodes holding the groups that row's gate chose, one message
-// per node and layer, sums what they answer and resumes the hop.
+// (wire/expert.go), having computed the chosen groups it holds itself:
+// the router sends each row's normalized hidden state only to the nodes
+// holding the other groups that row's gate chose, one message per node and
+// layer, sums what they answer and resumes the hop.
 
 // expertFragment is the heartbeat name of expert e of layer l of m.
 func expertFragment(m string, l, e int) string { return m + "/" + model.ExpertFragment(l, e) }
@@ -120,11 +121,12 @@ type choice struct {
 }
 
 // runExperts computes the feed-forward output of layer for the rows a
-// paused stage node sent (a wire.Routed payload): each node holding a
-// chosen expert gets, in one message, the rows that chose its experts; a
-// node that fails is left out and its rows go to another holder. It
-// returns the rows' summed expert outputs (rows×dim).
-func (s *session) runExperts(ctx context.Context, base *nats.Msg, layer, rows int, data []byte) ([]float32, error) {
+// paused stage node sent (a wire.Routed payload), but for the experts the
+// stage node computed itself (held): each node holding another chosen
+// expert gets, in one message, the rows that chose its experts; a node
+// that fails is left out and its rows go to another holder. It returns the
+// rows' summed expert outputs (rows×dim).
+func (s *session) runExperts(ctx context.Context, base *nats.Msg, layer, rows int, data []byte, held []bool) ([]float32, error) {
 	cfg := s.model.Manifest.Config
 	groups := s.model.Manifest.ExpertGroups()
 	r, err := wire.DecodeRouted(data, cfg.Dim, groups)
@@ -137,7 +139,7 @@ func (s *session) runExperts(ctx context.Context, base *nats.Msg, layer, rows in
 	s.e.load.count(s.req.Model, cfg.Layers, groups, layer, r)
 	var pending []choice
 	for i, e := range r.Experts {
-		if e >= 0 {
+		if e >= 0 && !held[e] {
 			pending = append(pending, choice{row: i / r.K, expert: e, weight: r.Weights[i]})
 		}
 	}

@@ -444,7 +444,11 @@ func (s *session) hop(ctx context.Context, hp hop, msg *nats.Msg, rows int, phas
 		if err != nil || pauses >= len(split) || layer != split[pauses] {
 			return nil, hp.node, fmt.Errorf("node %s: paused at layer %q, want the split layers %v in order", hp.node, t, split)
 		}
-		sum, err := s.runExperts(ctx, msg, layer, rows, reply.Data)
+		held, err := wire.ParseHeld(reply.Header.Get(wire.HdrHeld), s.model.Manifest.ExpertGroups())
+		if err != nil {
+			return nil, hp.node, fmt.Errorf("node %s: %w", hp.node, err)
+		}
+		sum, err := s.runExperts(ctx, msg, layer, rows, reply.Data, held)
 		if err != nil {
 			if errors.Is(err, wire.ErrFrame) {
 				return nil, hp.node, fmt.Errorf("node %s: %w", hp.node, err)
