@@ -243,12 +243,13 @@ func describeChange(before, after string) string {
 func (p *Planner) replan(ctx context.Context, m wire.ModelManifest, nodes []wire.NodeRecord, reason string) error {
 	prob := p.Problem(m, nodes)
 	start := time.Now()
-	pl, err := p.strategy.Place(ctx, prob, p.last[m.ID])
+	var load [][]int64
+	if groups := m.ExpertGroups(); groups > 1 && p.cfg.ExpertSpread > 1 {
+		load = p.expertLoad(ctx, m, groups)
+	}
+	pl, err := placement.PlaceSpread(ctx, p.strategy, prob, p.last[m.ID], load)
 	if err != nil {
 		return err
-	}
-	if groups := m.ExpertGroups(); groups > 1 && p.cfg.ExpertSpread > 1 {
-		placement.SpreadExperts(pl, groups, p.cfg.ExpertSpread, p.expertLoad(ctx, m, groups))
 	}
 	moved := placement.MovedBytes(prob.Model, p.last[m.ID], pl)
 	plan := pl.Wire(time.Now().UTC(), reason)
@@ -291,17 +292,24 @@ func (p *Planner) replan(ctx context.Context, m wire.ModelManifest, nodes []wire
 	return nil
 }
 
-// Problem describes placing m on nodes: each node's memory budget, its
-// measured per-layer speed for the model (or the configured default), and
-// links between regions.
+// Problem describes placing m on nodes: the sizes of its layers' stored
+// fragments, each node's memory budget, its measured per-layer speed for
+// the model (or the configured default), and links between regions. A
+// model whose experts are stored apart has them spread over up to
+// ExpertSpread nodes, each sized for its share.
 func (p *Planner) Problem(m wire.ModelManifest, nodes []wire.NodeRecord) *placement.Problem {
 	c := m.Config
+	groups := m.ExpertGroups()
 	prob := &placement.Problem{
 		Model: placement.Model{
 			Name: m.ID, Layers: c.Layers, LayerBytes: m.LayerWeightBytes,
 			KVBytesPerTokenLayer: m.KVBytesPerToken, KVReserveTokens: min(p.cfg.KVReserveTokens, int64(c.SeqLen)),
-			ActivationBytesPerToken: 4 * int64(c.Dim), TokenBytes: 4, Experts: c.Experts,
+			ActivationBytesPerToken: 4 * int64(c.Dim), TokenBytes: 4, Experts: groups,
+			LayerFragments: layerFragments(m, groups),
 		},
+	}
+	if groups > 1 {
+		prob.Model.ExpertSpread = p.cfg.ExpertSpread
 	}
 	regions := map[string]bool{}
 	def := p.cfg.DefaultLayerTime.Seconds()
@@ -344,6 +352,37 @@ func (p *Planner) Problem(m wire.ModelManifest, nodes []wire.NodeRecord) *placem
 		}
 	}
 	return prob
+}
+
+// layerFragments returns the stored size of each layer's fragment and of
+// its groups' fragments (groups per layer), or nil when m does not list
+// them all; the planner then sizes every layer as m.LayerWeightBytes.
+func layerFragments(m wire.ModelManifest, groups int) []placement.LayerFragments {
+	layers := m.Config.Layers
+	out := make([]placement.LayerFragments, layers)
+	seen := make([]int, layers)
+	for _, f := range m.Fragments {
+		switch {
+		case f.Layer < 0 || f.Layer >= layers || f.Bytes < 0:
+			continue
+		case f.Expert < 0:
+			out[f.Layer].Trunk = f.Bytes
+		case f.Expert < groups:
+			if out[f.Layer].Experts == nil {
+				out[f.Layer].Experts = make([]int64, groups)
+			}
+			out[f.Layer].Experts[f.Expert] = f.Bytes
+		default:
+			return nil
+		}
+		seen[f.Layer]++
+	}
+	for _, n := range seen {
+		if n != 1+groups {
+			return nil
+		}
+	}
+	return out
 }
 
 func sameAssignment(a, b wire.Assignment) bool {

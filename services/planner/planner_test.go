@@ -3,8 +3,10 @@ package planner
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"log/slog"
+	"reflect"
 	"testing"
 	"time"
 
@@ -96,4 +98,88 @@ func manifest(id string, experts int) wire.ModelManifest {
 		m.ExpertLayout = &wire.ExpertLayout{Groups: experts, TopK: 2, Native: true}
 	}
 	return m
+}
+
+// The planner sizes nodes from the manifest's fragment sizes: nodes too
+// small for a whole layer (trunk 1000 bytes, four experts of 4000, 8192
+// bytes of KV reserve) serve it in pairs, each with two of its experts,
+// where sized for every expert none of them could.
+func TestReplanSizesNodesForTheirExperts(t *testing.T) {
+	ctx := context.Background()
+	c := bustest.Connect(t, bustest.Server(t), "planner-test")
+	moe := manifest("moe", 4)
+	for i, f := range moe.Fragments {
+		moe.Fragments[i].Bytes = map[bool]int64{true: 1000, false: 4000}[f.Expert < 0]
+	}
+	var nodes []wire.NodeRecord
+	for _, id := range []string{"a", "b", "c", "d"} {
+		nodes = append(nodes, wire.NodeRecord{State: wire.NodeReady, Heartbeat: wire.Heartbeat{Node: id, Region: "eu", MemoryBudget: 20000, State: wire.NodeReady}})
+	}
+	for _, spread := range []int{0, 2} {
+		p := &Planner{cfg: Config{ExpertSpread: spread, KVReserveTokens: 16, DefaultLayerTime: time.Millisecond},
+			bus: c, log: slog.New(slog.NewTextHandler(io.Discard, nil)), strategy: placement.Tessera{}, last: map[string]*placement.Placement{}}
+		var err error
+		if p.plans, err = c.JS.KeyValue(ctx, subjects.BucketPlans); err != nil {
+			t.Fatal(err)
+		}
+		if p.load, err = c.JS.KeyValue(ctx, subjects.BucketExpertLoad); err != nil {
+			t.Fatal(err)
+		}
+		err = p.replan(ctx, moe, nodes, "test")
+		if spread == 0 {
+			if !errors.Is(err, placement.ErrInfeasible) {
+				t.Fatalf("sized for every expert: got %v, want %v", err, placement.ErrInfeasible)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		e, err := p.plans.Get(ctx, "moe")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var plan wire.Plan
+		if err := json.Unmarshal(e.Value(), &plan); err != nil {
+			t.Fatal(err)
+		}
+		if len(plan.Assignments) != 4 {
+			t.Fatalf("plan uses %d of 4 nodes: %+v", len(plan.Assignments), plan.Assignments)
+		}
+		for _, a := range plan.Assignments {
+			held := int64(a.End-a.First) * (1000 + 16*512 + 4000*int64(len(a.Experts)))
+			if len(a.Experts) != 2 || held > 20000 {
+				t.Errorf("node %s holds layers [%d,%d) with experts %v: %d bytes of its 20000", a.Node, a.First, a.End, a.Experts, held)
+			}
+		}
+	}
+}
+
+func TestLayerFragments(t *testing.T) {
+	sized := func(experts int) wire.ModelManifest {
+		m := manifest("m", experts)
+		for i, f := range m.Fragments {
+			m.Fragments[i].Bytes = int64(1000*(f.Layer+1) + 10*(f.Expert+1))
+		}
+		return m
+	}
+	missing := sized(2)
+	missing.Fragments = missing.Fragments[1:]
+	cases := []struct {
+		name string
+		m    wire.ModelManifest
+		want []placement.LayerFragments
+	}{
+		{"dense", sized(0), []placement.LayerFragments{{Trunk: 1000}, {Trunk: 2000}}},
+		{"experts apart", sized(2), []placement.LayerFragments{{Trunk: 1000, Experts: []int64{1010, 1020}}, {Trunk: 2000, Experts: []int64{2010, 2020}}}},
+		{"a fragment missing", missing, nil},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got := layerFragments(tc.m, tc.m.ExpertGroups())
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Fatalf("got %+v, want %+v", got, tc.want)
+			}
+		})
+	}
 }

@@ -40,7 +40,9 @@ type Rejection struct {
 type StateFilter struct{}
 
 // MemoryFilter limits a node to the layers whose weights, plus the model's
-// KV reserve, fit its memory, and to the node's own MaxLayers.
+// KV reserve, fit its memory, and to the node's own MaxLayers. When the
+// model spreads its experts, a node is sized for its layers' trunks and a
+// shard of their experts (Model.ExpertSpread), unless Node.AllExperts.
 type MemoryFilter struct{}
 
 // RegionFilter rejects nodes in the problem's excluded regions. (Whether a
@@ -76,25 +78,28 @@ func (StateFilter) Limit(p *Problem, n *Node) (int, string) {
 // Name implements Filter.
 func (MemoryFilter) Name() string { return "memory" }
 
-// Limit implements Filter.
+// Limit implements Filter. Layers may differ in size: the limit is the
+// most layers whose largest ones fit, so that any range of that many does.
 func (MemoryFilter) Limit(p *Problem, n *Node) (int, string) {
 	limit := p.Model.Layers
 	if n.MaxLayers > 0 {
 		limit = min(limit, n.MaxLayers)
 	}
-	perLayer := layerFootprint(&p.Model)
-	if perLayer > 0 {
-		limit = min(limit, int(n.MemoryBytes/perLayer))
+	share := p.Model.share(n)
+	need := p.Model.layerNeeds(share)
+	fits, sum := 0, int64(0)
+	for fits < limit && sum+need[fits] <= n.MemoryBytes {
+		sum += need[fits]
+		fits++
 	}
-	if limit <= 0 {
-		return 0, fmt.Sprintf("one layer needs %d bytes (weights and KV reserve), node has %d", perLayer, n.MemoryBytes)
+	if fits > 0 {
+		return fits, ""
 	}
-	return limit, ""
-}
-
-// layerFootprint is the memory one layer takes on a node that holds it.
-func layerFootprint(m *Model) int64 {
-	return m.LayerBytes + m.KVReserveTokens*m.KVBytesPerTokenLayer
+	if share < p.Model.Experts {
+		return 0, fmt.Sprintf("one layer with %d of its %d experts needs %d bytes (weights and KV reserve), node has %d",
+			share, p.Model.Experts, need[0], n.MemoryBytes)
+	}
+	return 0, fmt.Sprintf("one layer needs %d bytes (weights and KV reserve), node has %d", need[0], n.MemoryBytes)
 }
 
 // Name implements Filter.

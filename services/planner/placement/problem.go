@@ -3,6 +3,7 @@ package placement
 import (
 	"fmt"
 	"math"
+	"slices"
 	"time"
 )
 
@@ -39,7 +40,8 @@ type Model struct {
 	Name string `json:"name"`
 	// Layers is the number of transformer layers; placements cut [0, Layers).
 	Layers int `json:"layers"`
-	// LayerBytes is the weight size of one layer, experts included.
+	// LayerBytes is the weight size of one layer, experts included (the
+	// estimate for every layer when LayerFragments is empty).
 	LayerBytes int64 `json:"layer_bytes"`
 	// KVBytesPerTokenLayer is the KV cache of one token in one layer.
 	KVBytesPerTokenLayer int64 `json:"kv_bytes_per_token_layer"`
@@ -51,10 +53,29 @@ type Model struct {
 	ActivationBytesPerToken int64 `json:"activation_bytes_per_token"`
 	// TokenBytes is the size of a token id on the coordinator's links.
 	TokenBytes int64 `json:"token_bytes"`
-	// Experts is the number of experts per MoE layer (0 for a dense model).
+	// Experts is the number of experts per layer that a node may hold only
+	// some of: a mixture of experts' experts or a dense feed-forward
+	// network's neuron groups, stored apart (0 when layers are stored whole).
 	Experts int `json:"experts,omitempty"`
-	// ExpertBytes is the size of one expert in one layer (part of LayerBytes).
+	// ExpertBytes is the size of one expert in one layer (part of LayerBytes;
+	// the estimate when LayerFragments is empty).
 	ExpertBytes int64 `json:"expert_bytes,omitempty"`
+	// ExpertSpread is how many of the nodes holding the same layers may
+	// divide each layer's experts among them (SpreadExperts); a node is
+	// sized for its share unless AllExperts. Below 2 every node holds, and
+	// is sized for, all the experts of its layers.
+	ExpertSpread int `json:"expert_spread,omitempty"`
+	// LayerFragments gives, per layer, the real weight bytes of its stored
+	// fragments (empty: LayerBytes and ExpertBytes estimate them).
+	LayerFragments []LayerFragments `json:"layer_fragments,omitempty"`
+}
+
+// LayerFragments is one layer's weights as stored: its trunk (attention,
+// norms and whatever else every token uses, such as a split layer's gate
+// and compensation) and each of its Model.Experts experts.
+type LayerFragments struct {
+	Trunk   int64   `json:"trunk"`
+	Experts []int64 `json:"experts,omitempty"`
 }
 
 // NodeState is a node's lifecycle state as the registry reports it.
@@ -89,6 +110,10 @@ type Node struct {
 	Throughput ThroughputModel `json:"-"`
 	// State is the registry's view of the node; only active nodes hold layers.
 	State NodeState `json:"state,omitempty"`
+	// AllExperts sizes the node for every expert of its layers even when
+	// the model's experts are spread (PlaceSpread sets it for a node left
+	// without enough partners to share them).
+	AllExperts bool `json:"all_experts,omitempty"`
 }
 
 // ThroughputModel is a node's token rate: tokens per second that pass
@@ -193,6 +218,18 @@ func (p *Problem) Validate() error {
 	case m.Experts < 0 || m.ExpertBytes < 0 || int64(m.Experts)*m.ExpertBytes > m.LayerBytes:
 		return bad("model %q: %d experts of %d bytes do not fit a layer of %d bytes",
 			m.Name, m.Experts, m.ExpertBytes, m.LayerBytes)
+	case m.ExpertSpread < 0:
+		return bad("model %q has expert spread %d", m.Name, m.ExpertSpread)
+	case len(m.LayerFragments) != 0 && len(m.LayerFragments) != m.Layers:
+		return bad("model %q gives fragment sizes of %d layers, want %d", m.Name, len(m.LayerFragments), m.Layers)
+	}
+	for l, lf := range m.LayerFragments {
+		if len(lf.Experts) != m.Experts {
+			return bad("model %q layer %d lists %d expert sizes, want %d", m.Name, l, len(lf.Experts), m.Experts)
+		}
+		if lf.Trunk < 0 || slices.ContainsFunc(lf.Experts, func(b int64) bool { return b < 0 }) {
+			return bad("model %q layer %d has a negative fragment size", m.Name, l)
+		}
 	}
 	ids := make(map[string]bool, len(p.Nodes))
 	for i := range p.Nodes {
