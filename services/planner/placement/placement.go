@@ -96,9 +96,10 @@ func BuildStages(layers int, assignments []Assignment) []Stage {
 }
 
 // MovedBytes is the weight bytes the nodes of next must fetch that they do
-// not already hold under prev: for each node, the layers of its new range
-// outside its old range, times the layer size. Nodes that only drop layers
-// move nothing.
+// not already hold under prev: for each node, the fragments of its new
+// range outside its old range (trunks and the experts it holds), and in
+// the layers it keeps, the experts it did not hold. Nodes that only drop
+// layers or experts move nothing.
 func MovedBytes(m Model, prev, next *Placement) int64 {
 	old := map[string]Assignment{}
 	if prev != nil {
@@ -106,16 +107,30 @@ func MovedBytes(m Model, prev, next *Placement) int64 {
 			old[a.Node] = a
 		}
 	}
-	var layers int64
+	var moved int64
 	for _, a := range next.Assignments {
 		o, ok := old[a.Node]
-		kept := 0
-		if ok {
-			kept = max(0, min(a.End, o.End)-max(a.First, o.First))
+		for l := a.First; l < a.End; l++ {
+			if !ok || l < o.First || l >= o.End {
+				moved += m.WeightBytes(l, l+1, a.Experts)
+			} else if o.Experts != nil {
+				moved += m.expertBytes(l, missing(m.Experts, a.Experts, o.Experts))
+			}
 		}
-		layers += int64(a.Layers() - kept)
 	}
-	return layers * m.LayerBytes
+	return moved
+}
+
+// missing lists the experts of want (nil: all n) that have lacks (empty
+// when none do).
+func missing(n int, want, have []int) []int {
+	out := []int{}
+	for e := range n {
+		if (want == nil || slices.Contains(want, e)) && !slices.Contains(have, e) {
+			out = append(out, e)
+		}
+	}
+	return out
 }
 
 // CheckPlacement reports the first reason pl is not a valid plan for p:

@@ -126,6 +126,17 @@ func TestMovedBytes(t *testing.T) {
 	if got := placement.MovedBytes(m, nil, next); got != 80 {
 		t.Fatalf("moved %d bytes from nothing, want 80", got)
 	}
+	// Layers of a 2-byte trunk and 4 experts of 2 bytes: a node fetches
+	// the experts it lacks in the layers it keeps.
+	m = placement.Model{LayerBytes: 10, Experts: 4, ExpertBytes: 2}
+	prev = &placement.Placement{Assignments: []placement.Assignment{{Node: "a", First: 0, End: 4, Experts: []int{0, 1}}, {Node: "b", First: 0, End: 4}}}
+	next = &placement.Placement{Assignments: []placement.Assignment{
+		{Node: "a", First: 2, End: 6, Experts: []int{1, 2}}, // expert 2 of 2, 3; layers 4, 5 with 2 experts
+		{Node: "b", First: 0, End: 4, Experts: []int{3}},    // drops experts only
+	}}
+	if got := placement.MovedBytes(m, prev, next); got != 2*2+2*(2+2*2) {
+		t.Fatalf("moved %d bytes with experts, want %d", got, 2*2+2*(2+2*2))
+	}
 }
 
 func TestBuildStages(t *testing.T) {
