@@ -65,9 +65,15 @@ type Config struct {
 	// address, apart from the API.
 	ConsoleAddr string `env:"CONSOLE_ADDR"`
 	// ExpertLoadInterval is how often the router adds the expert-use counts
-	// it gathered (per model, layer and expert of layers whose experts are
-	// spread over nodes) to KV expertload, for the planner.
+	// it gathered (per model, layer and expert) to KV expertload, for the
+	// planner.
 	ExpertLoadInterval time.Duration `env:"EXPERT_LOAD_INTERVAL, default=10s"`
+	// ExpertLoadSample makes one pass in this many pause at every layer
+	// with experts, also those whose stage node holds all their experts
+	// and would run them whole, so that the counts cover every such layer
+	// (each of these counts weighs ExpertLoadSample); layers whose experts
+	// are spread are counted on every pass. 0 counts spread layers only.
+	ExpertLoadSample int `env:"EXPERT_LOAD_SAMPLE, default=16"`
 }
 
 // Deps are what Run needs from its host process.
@@ -87,6 +93,9 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if log == nil {
 		log = slog.Default()
 	}
+	if cfg.ExpertLoadSample < 0 {
+		return fmt.Errorf("%sEXPERT_LOAD_SAMPLE=%d: want 0 or a number of passes", EnvPrefix, cfg.ExpertLoadSample)
+	}
 	view := grid.New(deps.Bus, log)
 	viewDone := make(chan error, 1)
 	vctx, stopView := context.WithCancel(ctx)
@@ -96,7 +105,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return err
 	}
-	engine := generate.New(deps.Bus, view, log, cfg.StageTimeout, cfg.FailoverWait, generate.RouteCosts{Region: cfg.Region, RegionLatency: cfg.RegionLatency})
+	engine := generate.New(deps.Bus, view, log, cfg.StageTimeout, cfg.FailoverWait, generate.RouteCosts{Region: cfg.Region, RegionLatency: cfg.RegionLatency}, cfg.ExpertLoadSample)
 	srv := &api.Server{
 		Engine: engine, View: view, Auth: keys, Log: log,
 		MaxBody: cfg.MaxBody, DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout,

@@ -34,7 +34,7 @@ var _ Authenticator = anyKey{}
 func FuzzHTTPBodies(f *testing.F) {
 	view := grid.New(nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	s := &Server{
-		Engine: generate.New(nil, view, slog.New(slog.NewTextHandler(io.Discard, nil)), 0, 0, generate.RouteCosts{}), View: view, Auth: anyKey{},
+		Engine: generate.New(nil, view, slog.New(slog.NewTextHandler(io.Discard, nil)), 0, 0, generate.RouteCosts{}, 0), View: view, Auth: anyKey{},
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), MaxBody: 4096, DefaultMaxTokens: 16,
 	}
 	h := s.Handler()

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -15,16 +16,30 @@ import (
 )
 
 // expertLoad counts, per model, layer and expert, the token rows this
-// router sent to each expert since its last publication.
+// router saw choose each expert since its last publication. Layers whose
+// experts are spread are counted on every pass (the router computes them);
+// the others only on the passes sampled (one in every), whose counts weigh
+// every each.
 type expertLoad struct {
+	// every is the sampling period (0: no pass is sampled).
+	every  int64
+	passes atomic.Int64
 	mu     sync.Mutex
 	counts map[string]*wire.ExpertLoad
 }
 
-func newExpertLoad() *expertLoad { return &expertLoad{counts: map[string]*wire.ExpertLoad{}} }
+func newExpertLoad(every int) *expertLoad {
+	return &expertLoad{every: int64(max(every, 0)), counts: map[string]*wire.ExpertLoad{}}
+}
 
-// count adds the choices of a routed batch of layer l.
-func (x *expertLoad) count(model string, layers, experts, l int, r wire.Routed) {
+// sample reports whether this pass pauses at every layer with experts to
+// count their choices: the every-th pass, the 2×every-th, and so on.
+func (x *expertLoad) sample() bool {
+	return x.every > 0 && x.passes.Add(1)%x.every == 0
+}
+
+// count adds the choices of a routed batch of layer l, each weight times.
+func (x *expertLoad) count(model string, layers, experts, l int, r wire.Routed, weight int64) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	c := x.counts[model]
@@ -37,11 +52,11 @@ func (x *expertLoad) count(model string, layers, experts, l int, r wire.Routed) 
 	}
 	for _, e := range r.Experts {
 		if e >= 0 {
-			c.Counts[l][e]++
+			c.Counts[l][e] += weight
 		}
 	}
 	if l == 0 {
-		c.Tokens += int64(r.Rows)
+		c.Tokens += int64(r.Rows) * weight
 	}
 }
 

@@ -125,8 +125,9 @@ type choice struct {
 // stage node computed itself (held): each node holding another chosen
 // expert gets, in one message, the rows that chose its experts; a node
 // that fails is left out and its rows go to another holder. It returns the
-// rows' summed expert outputs (rows×dim).
-func (s *session) runExperts(ctx context.Context, base *nats.Msg, layer, rows int, data []byte, held []bool) ([]float32, error) {
+// rows' summed expert outputs (rows×dim). The rows' choices are counted
+// for KV expertload, weight times each.
+func (s *session) runExperts(ctx context.Context, base *nats.Msg, layer, rows int, data []byte, held []bool, weight int64) ([]float32, error) {
 	cfg := s.model.Manifest.Config
 	groups := s.model.Manifest.ExpertGroups()
 	r, err := wire.DecodeRouted(data, cfg.Dim, groups)
@@ -136,7 +137,7 @@ func (s *session) runExperts(ctx context.Context, base *nats.Msg, layer, rows in
 	if r.Rows != rows {
 		return nil, fmt.Errorf("%w: paused with %d rows, sent %d", wire.ErrFrame, r.Rows, rows)
 	}
-	s.e.load.count(s.req.Model, cfg.Layers, groups, layer, r)
+	s.e.load.count(s.req.Model, cfg.Layers, groups, layer, r, weight)
 	var pending []choice
 	for i, e := range r.Experts {
 		if e >= 0 && !held[e] {

@@ -33,10 +33,10 @@ func TestGatherTakesOnlyTheNodesRows(t *testing.T) {
 }
 
 func TestExpertLoadCounts(t *testing.T) {
-	x := newExpertLoad()
+	x := newExpertLoad(0)
 	r := wire.Routed{Rows: 2, K: 2, Experts: []int32{0, 3, 3, -1}}
-	x.count("m", 2, 4, 0, r)
-	x.count("m", 2, 4, 1, r)
+	x.count("m", 2, 4, 0, r, 1)
+	x.count("m", 2, 4, 1, r, 1)
 	got := x.take()["m"]
 	if got == nil || !slices.Equal(got.Counts[0], []int64{1, 0, 0, 2}) || !slices.Equal(got.Counts[1], []int64{1, 0, 0, 2}) || got.Tokens != 2 {
 		t.Fatalf("%+v", got)
@@ -44,9 +44,45 @@ func TestExpertLoadCounts(t *testing.T) {
 	if len(x.take()) != 0 {
 		t.Fatal("counts not reset after take")
 	}
-	x.count("m", 2, 4, 0, r)
+	x.count("m", 2, 4, 0, r, 1)
 	x.giveBack(got)
 	if c := x.take()["m"]; c.Counts[0][3] != 4 || c.Tokens != 4 {
 		t.Fatalf("%+v", c)
+	}
+	// A sampled pass's counts stand for the passes not sampled.
+	x.count("m", 2, 4, 0, r, 16)
+	if c := x.take()["m"]; !slices.Equal(c.Counts[0], []int64{16, 0, 0, 32}) || c.Tokens != 32 {
+		t.Fatalf("weighted: %+v", c)
+	}
+}
+
+// One pass in every `every` is sampled, the every-th first; 0 samples none.
+func TestExpertLoadSample(t *testing.T) {
+	cases := []struct {
+		every int
+		want  []int // the sampled passes among the first 10, from 1
+	}{
+		{0, nil},
+		{1, []int{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}},
+		{4, []int{4, 8}},
+		{16, nil},
+	}
+	for _, tc := range cases {
+		x := newExpertLoad(tc.every)
+		var got []int
+		for pass := 1; pass <= 10; pass++ {
+			if x.sample() {
+				got = append(got, pass)
+			}
+		}
+		if !slices.Equal(got, tc.want) {
+			t.Errorf("every %d: sampled passes %v, want %v", tc.every, got, tc.want)
+		}
+	}
+}
+
+func TestHopLayers(t *testing.T) {
+	if got := hopLayers(hop{node: "a", first: 2, end: 5}); !slices.Equal(got, []int{2, 3, 4}) {
+		t.Fatalf("hop [2,5) runs layers %v", got)
 	}
 }

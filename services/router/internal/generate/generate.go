@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -83,8 +84,9 @@ type Engine struct {
 
 // New returns an engine over the grid view. stageTimeout bounds one pass
 // through a route; failoverWait is how long a request whose route broke
-// waits for a new one.
-func New(b *bus.Conn, view *grid.View, log *slog.Logger, stageTimeout, failoverWait time.Duration, costs RouteCosts) *Engine {
+// waits for a new one; one pass in every loadSample (0: none) also counts
+// the expert choices of layers whose stage node holds all their experts.
+func New(b *bus.Conn, view *grid.View, log *slog.Logger, stageTimeout, failoverWait time.Duration, costs RouteCosts, loadSample int) *Engine {
 	if stageTimeout <= 0 {
 		stageTimeout = 10 * time.Second
 	}
@@ -97,7 +99,7 @@ func New(b *bus.Conn, view *grid.View, log *slog.Logger, stageTimeout, failoverW
 	if costs.DefaultLayerTime <= 0 {
 		costs.DefaultLayerTime = time.Millisecond
 	}
-	return &Engine{bus: b, view: view, log: log, stageTimeout: stageTimeout, failoverWait: failoverWait, costs: costs, health: newHealth(), metrics: newMetrics(), load: newExpertLoad()}
+	return &Engine{bus: b, view: view, log: log, stageTimeout: stageTimeout, failoverWait: failoverWait, costs: costs, health: newHealth(), metrics: newMetrics(), load: newExpertLoad(loadSample)}
 }
 
 // NewID returns a random request id.
@@ -365,6 +367,7 @@ func (s *session) send(ctx context.Context) ([]float32, string, error) {
 	}
 	frame := wire.AppendI32(nil, in)
 	cfg := s.model.Manifest.Config
+	sampled := s.model.Manifest.ExpertGroups() > 0 && s.e.load.sample()
 	for i, hp := range s.route {
 		msg := nats.NewMsg(subjects.Stage(hp.node))
 		h := msg.Header
@@ -376,12 +379,15 @@ func (s *session) send(ctx context.Context) ([]float32, string, error) {
 		h.Set(wire.HdrRange, fmt.Sprintf("%d:%d", hp.first, hp.end))
 		h.Set(wire.HdrPhase, phase)
 		split := s.splits[i]
+		if sampled {
+			split = hopLayers(hp)
+		}
 		if len(split) > 0 {
 			h.Set(wire.HdrSplit, joinInts(split))
 		}
 		msg.Data = frame
 		telemetry.Inject(ctx, msg)
-		reply, failed, err := s.hop(ctx, hp, msg, len(in), phase, split)
+		reply, failed, err := s.hop(ctx, hp, msg, len(in), phase, split, s.splits[i])
 		if err != nil {
 			return nil, failed, err
 		}
@@ -412,10 +418,12 @@ func (s *session) send(ctx context.Context) ([]float32, string, error) {
 }
 
 // hop sends msg to hp's node and returns its final answer: while the node
-// pauses at a split layer, the router computes that layer's experts on
-// their holders and resumes the node with their summed outputs. It returns
-// the node to blame with an error that is a node's fault.
-func (s *session) hop(ctx context.Context, hp hop, msg *nats.Msg, rows int, phase string, split []int) (*nats.Msg, string, error) {
+// pauses at a layer of split, the router computes that layer's experts on
+// their holders and resumes the node with their summed outputs. Layers of
+// split outside spread (the layers whose experts the node does not all
+// hold) are paused at only to count their choices, on a sampled pass. It
+// returns the node to blame with an error that is a node's fault.
+func (s *session) hop(ctx context.Context, hp hop, msg *nats.Msg, rows int, phase string, split, spread []int) (*nats.Msg, string, error) {
 	for pauses := 0; ; pauses++ {
 		sent := time.Now()
 		reply, err := s.call(ctx, hp.node, msg, s.e.stageTimeout+time.Duration(rows)*10*time.Millisecond)
@@ -448,7 +456,11 @@ func (s *session) hop(ctx context.Context, hp hop, msg *nats.Msg, rows int, phas
 		if err != nil {
 			return nil, hp.node, fmt.Errorf("node %s: %w", hp.node, err)
 		}
-		sum, err := s.runExperts(ctx, msg, layer, rows, reply.Data, held)
+		weight := int64(1)
+		if !slices.Contains(spread, layer) {
+			weight = s.e.load.every
+		}
+		sum, err := s.runExperts(ctx, msg, layer, rows, reply.Data, held, weight)
 		if err != nil {
 			if errors.Is(err, wire.ErrFrame) {
 				return nil, hp.node, fmt.Errorf("node %s: %w", hp.node, err)
@@ -464,6 +476,15 @@ func (s *session) hop(ctx context.Context, hp hop, msg *nats.Msg, rows int, phas
 		next.Data = wire.AppendF32(nil, rows, s.model.Manifest.Config.Dim, sum)
 		msg = next
 	}
+}
+
+// hopLayers lists the layers hp runs.
+func hopLayers(hp hop) []int {
+	out := make([]int, 0, hp.end-hp.first)
+	for l := hp.first; l < hp.end; l++ {
+		out = append(out, l)
+	}
+	return out
 }
 
 // joinInts writes v comma-separated.
