@@ -17,10 +17,14 @@ const spreadRounds = 3
 // trunk and a shard of them holds layers beside partners that hold the
 // other shards. A node that ends up needing more memory than it has (too
 // few partners hold its range) is planned again sized for all the experts
-// of its layers (Node.AllExperts); after spreadRounds every node is, as
-// when experts are not spread. No node of the result needs more memory
-// than it has.
+// of its layers (Node.AllExperts); after spreadRounds every node is. No
+// node of the result needs more memory than it has, or it is an error.
+// A model whose experts are not spread is placed by s alone (whose limits
+// keep nodes within memory, but for exo's baseline).
 func PlaceSpread(ctx context.Context, s Strategy, p *Problem, prev *Placement, load [][]int64) (*Placement, error) {
+	if p.Model.Experts < 2 || p.Model.ExpertSpread < 2 {
+		return s.Place(ctx, p, prev)
+	}
 	q := *p
 	q.Nodes = slices.Clone(p.Nodes)
 	for round := 0; ; round++ {
