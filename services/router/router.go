@@ -72,8 +72,11 @@ type Config struct {
 	// with experts, also those whose stage node holds all their experts
 	// and would run them whole, so that the counts cover every such layer
 	// (each of these counts weighs ExpertLoadSample); layers whose experts
-	// are spread are counted on every pass. 0 counts spread layers only.
-	ExpertLoadSample int `env:"EXPERT_LOAD_SAMPLE, default=16"`
+	// are spread are counted on every pass. 0 (the default) counts spread
+	// layers only: a sampled pass waits for one more round trip per layer
+	// with experts, and the counts of spread layers are what the planner
+	// balances by once it spreads them.
+	ExpertLoadSample int `env:"EXPERT_LOAD_SAMPLE, default=0"`
 }
 
 // Deps are what Run needs from its host process.
