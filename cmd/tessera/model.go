@@ -104,9 +104,9 @@ func modelImport(ctx context.Context, args []string, stdout, stderr io.Writer) e
 }
 
 // fitGrouping cuts the dense checkpoint at path into groups neuron groups
-// per FFN with a scorer, refitted down projections and compensation fitted
-// on 1024 sequences of 128 tokens the model samples itself (as the
-// selective benchmark does).
+// per FFN with a scorer, the down projections refitted for topK active
+// groups and their compensation, fitted on 1024 sequences of 128 tokens the
+// model samples itself (as the selective benchmark does).
 func fitGrouping(path string, groups, topK int) (*model.FFNGrouping, error) {
 	ck, err := model.LoadCheckpoint(path)
 	if err != nil {
@@ -118,7 +118,7 @@ func fitGrouping(path string, groups, topK int) (*model.FFNGrouping, error) {
 	if err != nil {
 		return nil, err
 	}
-	return compute.FitGrouping(ck, calib, groups, topK, pool)
+	return compute.FitGroupingFor(ck, calib, groups, topK, pool)
 }
 
 func modelList(ctx context.Context, stdout io.Writer) error {

@@ -63,12 +63,12 @@ const (
 	compRidge = 1e-3
 )
 
-// fitRefit fits, for every number k of active groups below g's group
-// count, each layer's down projection refitted for k groups (g.Down) and
-// the compensation of each chosen set of k groups (g.Comp), a layer at a
-// time on the selective model's own hidden states over the calibration
-// sequences, so that each layer also corrects what the layers before it
-// left out:
+// fitRefit fits, for every number k of active groups in ks (each below
+// g's group count), each layer's down projection refitted for k groups
+// (g.Down) and the compensation of each chosen set of k groups (g.Comp), a
+// layer at a time on the selective model's own hidden states over the
+// calibration sequences, so that each layer also corrects what the layers
+// before it left out:
 //
 //  1. the target is the dense model's residual after the layer minus the
 //     selective model's residual after its attention: what the layer's FFN
@@ -82,7 +82,7 @@ const (
 //     stage node adds.
 //
 // dense is the whole dense model in one stage.
-func fitRefit(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, dense *Stage, pool *Pool) error {
+func fitRefit(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, dense *Stage, pool *Pool, ks []int) error {
 	c := ck.Config
 	G := g.Groups()
 	g.Down = make([][][]float32, c.Layers)
@@ -91,7 +91,7 @@ func fitRefit(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, dense
 		g.Down[l] = make([][]float32, G)
 		g.Comp[l] = make([]*model.FFNComp, 1<<G)
 	}
-	for k := 1; k < G; k++ {
+	for _, k := range ks {
 		gk := *g
 		gk.TopK, gk.Down, gk.Comp = k, nil, nil
 		layers, err := GroupedLayers(ck, &gk)

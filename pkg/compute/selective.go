@@ -51,8 +51,29 @@ func CalibrationSequences(ck *model.Checkpoint, n, tokens int, pool *Pool) ([][]
 
 // FitGrouping splits every FFN of the dense model ck into groups neuron
 // groups of equal size (±1) and fits each layer's scorer on the calibration
-// sequences; topK is the groups a token uses. It is deterministic.
+// sequences, and the refit for every number of active groups below groups
+// (so that the grouping serves any top-k); topK is the groups a token
+// uses. It is deterministic.
 func FitGrouping(ck *model.Checkpoint, calib [][]int32, groups, topK int, pool *Pool) (*model.FFNGrouping, error) {
+	ks := make([]int, 0, groups)
+	for k := 1; k < groups; k++ {
+		ks = append(ks, k)
+	}
+	return fitGrouping(ck, calib, groups, topK, ks, pool)
+}
+
+// FitGroupingFor is FitGrouping with the refit for topK active groups
+// only: what a model served at that top-k needs, in about 1/(groups−1) of
+// the refit's time.
+func FitGroupingFor(ck *model.Checkpoint, calib [][]int32, groups, topK int, pool *Pool) (*model.FFNGrouping, error) {
+	var ks []int
+	if topK < groups {
+		ks = []int{topK}
+	}
+	return fitGrouping(ck, calib, groups, topK, ks, pool)
+}
+
+func fitGrouping(ck *model.Checkpoint, calib [][]int32, groups, topK int, ks []int, pool *Pool) (*model.FFNGrouping, error) {
 	c := ck.Config
 	if c.Experts > 0 || groups < 2 || groups > c.HiddenDim || topK < 1 || topK > groups {
 		return nil, fmt.Errorf("%w: cannot group a %d-neuron FFN into %d groups, top %d", ErrInput, c.HiddenDim, groups, topK)
@@ -99,7 +120,7 @@ func FitGrouping(ck *model.Checkpoint, calib [][]int32, groups, topK int, pool *
 		g.Neurons[l] = clusterNeurons(act, rows, h, groups)
 		g.Scorer[l], g.Bias[l] = fitScorer(ck.W2[l], act, x, rows, d, h, g.Neurons[l])
 	}
-	if err := fitRefit(ck, calib, g, s, pool); err != nil {
+	if err := fitRefit(ck, calib, g, s, pool, ks); err != nil {
 		return nil, err
 	}
 	return g, nil

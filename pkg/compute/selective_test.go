@@ -3,6 +3,7 @@ package compute
 import (
 	"fmt"
 	"math"
+	"math/bits"
 	"os"
 	"sort"
 	"strings"
@@ -82,6 +83,44 @@ func TestSelectiveAllGroupsReproducesReference(t *testing.T) {
 	for i, want := range testmodel.GreedyIDs {
 		if int(got[len(testmodel.PromptIDs)+i]) != want {
 			t.Fatalf("token %d: %d, reference %d", i, got[len(testmodel.PromptIDs)+i], want)
+		}
+	}
+}
+
+// FitGroupingFor fits the refit of its top-k only, the same as
+// FitGrouping's for that k.
+func TestFitGroupingForOneTopK(t *testing.T) {
+	ck, _ := loadDemo(t)
+	pool := NewPool(2)
+	defer pool.Close()
+	calib, err := CalibrationSequences(ck, 4, 64, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	all, err := FitGrouping(ck, calib, selectiveGroups, 2, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	two, err := FitGroupingFor(ck, calib, selectiveGroups, 2, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for l := range two.Down {
+		for k, w := range two.Down[l] {
+			if (w != nil) != (k == 2) {
+				t.Fatalf("layer %d: refit for %d groups present %v", l, k, w != nil)
+			}
+		}
+		if maxDiff(two.Down[l][2], all.Down[l][2]) != 0 {
+			t.Fatalf("layer %d: the refit for 2 groups differs from FitGrouping's", l)
+		}
+		for m, cp := range two.Comp[l] {
+			if cp != nil && bits.OnesCount(uint(m)) != 2 {
+				t.Fatalf("layer %d: compensation for set %b of %d groups", l, m, bits.OnesCount(uint(m)))
+			}
+			if cp != nil && maxDiff(cp.U, all.Comp[l][m].U) != 0 {
+				t.Fatalf("layer %d set %b: compensation differs from FitGrouping's", l, m)
+			}
 		}
 	}
 }
