@@ -52,21 +52,31 @@ func greedy(t testing.TB, s *Stage, prompt []int32, n int) []int32 {
 	return seq
 }
 
+// demoGrouping fits a grouping of stories260K into selectiveGroups groups
+// with top-k groups active on n sequences of tokens tokens it samples
+// itself, and returns it with the model, its tokenizer, the calibration
+// text and a pool that closes when the test ends.
+func demoGrouping(t *testing.T, n, tokens, k int) (*model.Checkpoint, *model.Tokenizer, *Pool, [][]int32, *model.FFNGrouping) {
+	t.Helper()
+	ck, tok := loadDemo(t)
+	pool := NewPool(2)
+	t.Cleanup(pool.Close)
+	calib, err := CalibrationSequences(ck, n, tokens, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := FitGrouping(ck, calib, selectiveGroups, k, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ck, tok, pool, calib, g
+}
+
 // With every group active, a fitted grouping computes each group on its
 // own and still reproduces llama2.c's greedy tokens; the grouping is a
 // partition into equal groups, and fitting is deterministic.
 func TestSelectiveAllGroupsReproducesReference(t *testing.T) {
-	ck, _ := loadDemo(t)
-	pool := NewPool(2)
-	defer pool.Close()
-	calib, err := CalibrationSequences(ck, 4, 64, pool)
-	if err != nil {
-		t.Fatal(err)
-	}
-	g, err := FitGrouping(ck, calib, selectiveGroups, selectiveGroups, pool)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ck, _, pool, calib, g := demoGrouping(t, 4, 64, selectiveGroups)
 	g2, _ := FitGrouping(ck, calib, selectiveGroups, selectiveGroups, pool)
 	if fmt.Sprint(g.Neurons, g.Scorer) != fmt.Sprint(g2.Neurons, g2.Scorer) {
 		t.Fatal("fitting the same calibration twice gave different groupings")
@@ -90,17 +100,7 @@ func TestSelectiveAllGroupsReproducesReference(t *testing.T) {
 // FitGroupingFor fits the refit of its top-k only, the same as
 // FitGrouping's for that k.
 func TestFitGroupingForOneTopK(t *testing.T) {
-	ck, _ := loadDemo(t)
-	pool := NewPool(2)
-	defer pool.Close()
-	calib, err := CalibrationSequences(ck, 4, 64, pool)
-	if err != nil {
-		t.Fatal(err)
-	}
-	all, err := FitGrouping(ck, calib, selectiveGroups, 2, pool)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ck, _, pool, calib, all := demoGrouping(t, 4, 64, 2)
 	two, err := FitGroupingFor(ck, calib, selectiveGroups, 2, pool)
 	if err != nil {
 		t.Fatal(err)
@@ -318,17 +318,7 @@ func selectiveFLOPs(c wire.ModelConfig, g *model.FFNGrouping, k int) (dense, sel
 // fitted on, and travels in the fragments: the compensation in the layer's,
 // each group's refitted columns in the group's.
 func TestCompensationLowersDivergence(t *testing.T) {
-	ck, tok := loadDemo(t)
-	pool := NewPool(2)
-	defer pool.Close()
-	calib, err := CalibrationSequences(ck, 16, 128, pool)
-	if err != nil {
-		t.Fatal(err)
-	}
-	g, err := FitGrouping(ck, calib, selectiveGroups, 2, pool)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ck, tok, pool, _, g := demoGrouping(t, 16, 128, 2)
 	bare := *g
 	bare.Comp, bare.Down = nil, nil
 	dense, err := StageFromCheckpoint(ck, 0, ck.Config.Layers, pool)
