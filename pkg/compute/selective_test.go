@@ -396,6 +396,9 @@ func TestCompensationLowersDivergence(t *testing.T) {
 			t.Fatal(err)
 		}
 		for m, want := range g.Comp[1] {
+			if bits.OnesCount(uint(m)) != 2 {
+				want = nil // only the sets a 2-group model chooses travel
+			}
 			got := l.Comp[m]
 			if (want == nil) != (got == nil) || want != nil && (got.R != want.R || maxDiff(got.U, want.U) != 0 || maxDiff(got.V, want.V) != 0 || maxDiff(got.B, want.B) != 0) {
 				t.Fatalf("set %d: compensation differs after the fragment", m)

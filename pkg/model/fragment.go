@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"math/bits"
 	"strconv"
 	"strings"
 	"time"
@@ -517,8 +518,8 @@ func Fragments(id string, ck *Checkpoint, tokenizer []byte, opts FragmentOptions
 			ts = append(ts, vec("scorer_bias", grp.Bias[i]))
 			if grp.Comp != nil {
 				for m, cp := range grp.Comp[i] {
-					if cp == nil {
-						continue
+					if cp == nil || bits.OnesCount(uint(m)) != grp.TopK {
+						continue // a set of another size is never chosen
 					}
 					// comp.<set>.{u,v,b}: the compensation for chosen set m.
 					ts = append(ts, Tensor{Name: fmt.Sprintf("comp.%d.u", m), Shape: []int{d, cp.R}, Values: cp.U, DType: DTypeF32},
