@@ -91,7 +91,18 @@ func fitRefit(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, dense
 		g.Down[l] = make([][]float32, G)
 		g.Comp[l] = make([]*model.FFNComp, 1<<G)
 	}
-	for _, k := range ks {
+	// One selective model per k, each run a layer at a time beside one
+	// dense pass over the same sequences.
+	items := func() []*Item {
+		out := make([]*Item, len(calib))
+		for i, seq := range calib {
+			out[i] = &Item{Cache: NewCache(c, c.Layers), N: len(seq), Tokens: seq}
+		}
+		return out
+	}
+	sels := make([]*Stage, len(ks))
+	passes := make([]*Pass, len(ks))
+	for i, k := range ks {
 		gk := *g
 		gk.TopK, gk.Down, gk.Comp = k, nil, nil
 		layers, err := GroupedLayers(ck, &gk)
@@ -100,32 +111,26 @@ func fitRefit(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, dense
 		}
 		cfg := c
 		cfg.FFNGroups, cfg.TopK = G, k
-		sel, err := NewStage(cfg, 0, c.Layers, &Embedding{Table: NewMatrixF32(c.Vocab, c.Dim, ck.TokenEmbedding)}, layers, nil, pool)
-		if err != nil {
+		if sels[i], err = NewStage(cfg, 0, c.Layers, &Embedding{Table: NewMatrixF32(c.Vocab, c.Dim, ck.TokenEmbedding)}, layers, nil, pool); err != nil {
 			return err
 		}
-		items := func() []*Item {
-			out := make([]*Item, len(calib))
-			for i, seq := range calib {
-				out[i] = &Item{Cache: NewCache(c, c.Layers), N: len(seq), Tokens: seq}
-			}
-			return out
-		}
-		dp, err := dense.Begin(items())
-		if err != nil {
+		if passes[i], err = sels[i].Begin(items()); err != nil {
 			return err
 		}
-		sp, err := sel.Begin(items())
-		if err != nil {
+	}
+	dp, err := dense.Begin(items())
+	if err != nil {
+		return err
+	}
+	for l := 0; l < c.Layers; l++ {
+		if err := dp.Trunk(l); err != nil {
 			return err
 		}
-		for l := 0; l < c.Layers; l++ {
-			if err := dp.Trunk(l); err != nil {
-				return err
-			}
-			if err := dp.FFN(); err != nil {
-				return err
-			}
+		if err := dp.FFN(); err != nil {
+			return err
+		}
+		for i, k := range ks {
+			sp := passes[i]
 			if err := sp.Trunk(l); err != nil {
 				return err
 			}
@@ -137,12 +142,10 @@ func fitRefit(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, dense
 				}
 			}
 			// The selective model runs the layer as fitted, for the next.
-			lay := sel.Layers[l]
-			for e, ns := range g.Neurons[l] {
-				lay.Experts[e].W2 = NewMatrixF32(c.Dim, len(ns), model.NeuronColumns(down, c.Dim, c.HiddenDim, ns))
-			}
+			lay := sels[i].Layers[l]
+			useDown(lay.Experts, g.Neurons[l], down, c.Dim, c.HiddenDim)
 			lay.Comp = comps
-			sel.compensate(lay, sp)
+			sels[i].compensate(lay, sp)
 			if err := sp.FFN(); err != nil {
 				return err
 			}

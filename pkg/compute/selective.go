@@ -273,9 +273,7 @@ func GroupedLayers(ck *model.Checkpoint, g *model.FFNGrouping) ([]*Layer, error)
 			return nil, fmt.Errorf("layer %d: %w", i, err)
 		}
 		if k := g.TopK; g.Down != nil && k < len(ex) && g.Down[i][k] != nil {
-			for e, ns := range g.Neurons[i] {
-				ex[e].W2 = NewMatrixF32(c.Dim, len(ns), model.NeuronColumns(g.Down[i][k], c.Dim, c.HiddenDim, ns))
-			}
+			useDown(ex, g.Neurons[i], g.Down[i][k], c.Dim, c.HiddenDim)
 		}
 		l.Experts, l.Scorer, l.ScorerBias = ex, NewMatrixF32(len(ex), c.Dim, g.Scorer[i]), g.Bias[i]
 		if g.Comp != nil {
@@ -285,4 +283,12 @@ func GroupedLayers(ck *model.Checkpoint, g *model.FFNGrouping) ([]*Layer, error)
 		layers[i] = l
 	}
 	return layers, nil
+}
+
+// useDown makes each group expert of a layer (its neurons in groups) use
+// its columns of down, a refitted dim × hidden down projection, as W2.
+func useDown(ex []*Expert, groups [][]int, down []float32, dim, hidden int) {
+	for e, ns := range groups {
+		ex[e].W2 = NewMatrixF32(dim, len(ns), model.NeuronColumns(down, dim, hidden, ns))
+	}
 }

@@ -363,13 +363,18 @@ func TestCompensationLowersDivergence(t *testing.T) {
 	cfg.FFNGroups, cfg.TopK = selectiveGroups, 2
 	found, experts := false, 0
 	for _, bl := range blobs {
-		if l, e, err := model.ParseExpertID(bl.Ref.ID); err == nil && l == 1 {
+		l, e, err := model.ParseExpertID(bl.Ref.ID)
+		isGroup := err == nil && l == 1
+		if !isGroup && bl.Ref.ID != model.LayerFragment(1) {
+			continue
+		}
+		f, err := model.DecodeFragment(bl.Ref.ID, bl.Data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if isGroup {
 			// A group's fragment carries its columns of the down projection
 			// refitted for 2 groups, which its holder uses.
-			f, err := model.DecodeFragment(bl.Ref.ID, bl.Data)
-			if err != nil {
-				t.Fatal(err)
-			}
 			x, err := ExpertFromFragment(cfg, f)
 			if err != nil {
 				t.Fatal(err)
@@ -384,14 +389,7 @@ func TestCompensationLowersDivergence(t *testing.T) {
 			experts++
 			continue
 		}
-		if bl.Ref.ID != model.LayerFragment(1) {
-			continue
-		}
-		f, err := model.DecodeFragment(bl.Ref.ID, bl.Data)
-		if err != nil {
-			t.Fatal(err)
-		}
-		l, err := LayerFromFragment(cfg, f)
+		lay, err := LayerFromFragment(cfg, f)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -399,7 +397,7 @@ func TestCompensationLowersDivergence(t *testing.T) {
 			if bits.OnesCount(uint(m)) != 2 {
 				want = nil // only the sets a 2-group model chooses travel
 			}
-			got := l.Comp[m]
+			got := lay.Comp[m]
 			if (want == nil) != (got == nil) || want != nil && (got.R != want.R || maxDiff(got.U, want.U) != 0 || maxDiff(got.V, want.V) != 0 || maxDiff(got.B, want.B) != 0) {
 				t.Fatalf("set %d: compensation differs after the fragment", m)
 			}
