@@ -66,10 +66,7 @@ func PlaceSpread(ctx context.Context, s Strategy, p *Problem, prev *Placement, l
 // (OverBudget).
 func SpreadExperts(p *Problem, pl *Placement, load [][]int64) []string {
 	m := &p.Model
-	memory := make(map[string]int64, len(p.Nodes))
-	for _, n := range p.Nodes {
-		memory[n.ID] = n.MemoryBytes
-	}
+	memory := p.memory()
 	groups := map[[2]int][]int{}
 	var order [][2]int
 	for i, a := range pl.Assignments {
@@ -141,7 +138,9 @@ func cutShards(m *Model, n, first, end int, load [][]int64, room []int64) ([][]i
 	for _, e := range byWeight {
 		var size int64
 		for l := first; l < end && room != nil; l++ {
-			size += m.expertBytes(l, []int{e})
+			if _, sizes := m.layer(l); e < len(sizes) {
+				size += sizes[e]
+			}
 		}
 		lightest := -1
 		for s := range n {

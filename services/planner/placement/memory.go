@@ -19,6 +19,15 @@ func (m *Model) layer(l int) (int64, []int64) {
 	return m.LayerBytes - int64(m.Experts)*m.ExpertBytes, experts
 }
 
+// memory is each node's memory budget by id.
+func (p *Problem) memory() map[string]int64 {
+	memory := make(map[string]int64, len(p.Nodes))
+	for _, n := range p.Nodes {
+		memory[n.ID] = n.MemoryBytes
+	}
+	return memory
+}
+
 // expertBytes is the bytes of the listed experts of layer l (nil: all).
 func (m *Model) expertBytes(l int, experts []int) int64 {
 	_, sizes := m.layer(l)
@@ -98,10 +107,7 @@ func (m *Model) layerNeeds(share int) []int64 {
 // OverBudget lists, in placement order, the nodes of pl whose Footprint
 // exceeds their memory in p (nodes p does not know are left out).
 func OverBudget(p *Problem, pl *Placement) []string {
-	memory := make(map[string]int64, len(p.Nodes))
-	for _, n := range p.Nodes {
-		memory[n.ID] = n.MemoryBytes
-	}
+	memory := p.memory()
 	var out []string
 	for _, a := range pl.Assignments {
 		if m, ok := memory[a.Node]; ok && p.Model.Footprint(a) > m {
