@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"net/http"
 	"os"
@@ -48,7 +49,7 @@ func synthMoE(t testing.TB) (*model.Checkpoint, *expertModel, []int) {
 	return ck, &expertModel{ck: ck, tok: tb, groups: moeTestConfig.Experts}, prompt
 }
 
-func startExpertGrid(t testing.TB, n, spread int, models map[string]*expertModel) (*local.Grid, string) {
+func startExpertGrid(t testing.TB, n, spread int, models map[string]*expertModel, tweaks ...func(*local.Options)) (*local.Grid, string) {
 	t.Helper()
 	o := testOptions(t)
 	o.Executors = n
@@ -65,6 +66,9 @@ func startExpertGrid(t testing.TB, n, spread int, models map[string]*expertModel
 	o.Registry.ChallengeSlack = 5 * time.Second
 	o.Executor.HeartbeatInterval = 200 * time.Millisecond
 	o.Executor.Threads = 1
+	for _, tw := range tweaks {
+		tw(&o)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	g, err := local.Start(ctx, o)
@@ -436,12 +440,8 @@ func demoTokenizer(t testing.TB, vocab int) ([]byte, []int) {
 // completeGreedy asks the grid for a greedy completion of the demo prompt.
 func completeGreedy(t testing.TB, base, id string, tokens int) wire.CompletionResponse {
 	t.Helper()
-	code, b := post(t, base+"/v1/completions", fmt.Sprintf(`{"model":%q,"prompt":%q,"max_tokens":%d,"temperature":0}`, id, testmodel.Prompt, tokens))
-	if code != http.StatusOK {
-		t.Fatalf("HTTP %d: %s", code, b)
-	}
-	var res wire.CompletionResponse
-	if err := json.Unmarshal(b, &res); err != nil {
+	res, err := tryCompleteGreedy(base, id, tokens)
+	if err != nil {
 		t.Fatal(err)
 	}
 	return res
@@ -747,61 +747,120 @@ func TestMoEWholeOnEachExecutor(t *testing.T) {
 	}
 }
 
-// An executor computing replicated experts dies in the middle of a
-// generation: a holder the router sent them to (the router sends its rows
-// to the other holder), or the stage node computing them itself (the
-// router moves the stage, whose new node computes them or sends them to
-// the other holder). Either way the other holder takes them over and the
-// request finishes with the single-process tokens.
+// An executor computing replicated experts dies in the middle of
+// generations that use it both ways: as a holder another stage node sends
+// them to (that router sends the rows to the other holder), and as the
+// stage node computing its own (the router moves the stage, whose new node
+// computes them or sends them to the other holder). Several requests run
+// at once so that, the router spreading them by load, one stage node holds
+// no replicated shard and must send those experts out. Every request
+// finishes with the single-process tokens.
 func TestExpertHolderFailsOver(t *testing.T) {
-	const id, steps = "moe-failover", 60
+	const id, steps, streams = "moe-failover", 60, 4
 	ck, m, prompt := synthMoE(t)
-	// Two shards over three nodes: one shard lives on two of them.
-	g, base := startExpertGrid(t, 3, 2, map[string]*expertModel{id: m})
+	// Two shards over three nodes: one shard lives on two of them. No
+	// speed tests: the nodes' speeds on two shared cores would tilt the
+	// router's choice, and with equal speeds it spreads the requests by
+	// load over all three nodes.
+	g, base := startExpertGrid(t, 3, 2, map[string]*expertModel{id: m}, func(o *local.Options) { o.Executor.SpeedTest = -1 })
 	holders := holderOf(m.plan)
 	ref := runReference(t, ck, model.FragmentOptions{}, prompt, steps)
 	tr := watchTraffic(t, g, moeTestConfig.Dim, moeTestConfig.Vocab, moeTestConfig.Experts)
-	done := make(chan wire.CompletionResponse, 1)
-	go func() { done <- completeGreedy(t, base, id, steps) }()
-	// Find the node computing a replicated expert: a holder the stage
-	// sends it to, or the stage node computing its own.
-	var victim, spare string
-	var stage bool
+	type result struct {
+		res wire.CompletionResponse
+		err error
+	}
+	done := make(chan result, streams)
+	for i := 0; i < streams; i++ {
+		go func() {
+			res, err := tryCompleteGreedy(base, id, steps)
+			done <- result{res, err}
+		}()
+	}
+	// The victim: a node a request's stage node sends replicated experts
+	// to, while it is itself the stage node of another request.
+	var victim, spare, sender, hosted string
+	var mark int
 	bustest.CheckFor(t, 30*time.Second, 5*time.Millisecond, func() error {
 		tr.mu.Lock()
 		defer tr.mu.Unlock()
+		victim, sender, hosted = "", "", ""
 		for _, c := range tr.experts {
-			if len(tr.stages[c.request]) != 1 || (!c.local && tr.stages[c.request][0] == c.node) {
+			st := tr.stages[c.request]
+			if c.local || len(st) != 1 || st[0] == c.node {
 				continue
 			}
 			for _, e := range c.routed.Experts {
 				if e >= 0 && len(holders[int(e)]) == 2 {
-					victim, stage = c.node, c.local
+					victim, sender = c.node, c.request
 					spare = holders[int(e)][0]
 					if spare == victim {
 						spare = holders[int(e)][1]
 					}
-					return nil
 				}
 			}
 		}
-		return errors.New("no replicated expert computed yet")
+		if victim == "" {
+			return errors.New("no stage node has sent replicated experts to another node yet")
+		}
+		for req, st := range tr.stages {
+			if len(st) == 1 && st[0] == victim && !tr.released[req] {
+				hosted = req
+			}
+		}
+		if hosted == "" {
+			return fmt.Errorf("%s holds replicated experts but is no running request's stage node", victim)
+		}
+		mark = len(tr.experts)
+		return nil
 	})
+	t.Logf("killing %s: holder for request %s (spare %s), stage node of request %s", victim, sender, spare, hosted)
 	if err := g.Kill(victim); err != nil {
 		t.Fatal(err)
 	}
-	res := <-done
-	if !slices.Equal(res.Tokens, ref.tokens) {
-		t.Fatalf("tokens after losing %s: %v, single process %v", victim, res.Tokens, ref.tokens)
+	for i := 0; i < streams; i++ {
+		r := <-done
+		if r.err != nil {
+			t.Fatalf("after losing %s: %v", victim, r.err)
+		}
+		if !slices.Equal(r.res.Tokens, ref.tokens) {
+			t.Fatalf("tokens after losing %s: %v, single process %v", victim, r.res.Tokens, ref.tokens)
+		}
+		tr.wait(t, r.res.ID)
 	}
-	tr.wait(t, res.ID)
-	if stage {
-		// The stage moved (and with it, or to the spare, its experts):
-		// the tokens above are what this case asserts.
-		t.Logf("the stage node %s computing its own replicated experts died", victim)
-		return
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	// The request that sent experts to the victim sent them to the spare
+	// afterwards.
+	toSpare := false
+	for _, c := range tr.experts[mark:] {
+		toSpare = toSpare || (c.request == sender && c.node == spare)
 	}
-	if c := tr.contacted(res.ID); !slices.Contains(c, spare) {
-		t.Fatalf("the spare holder %s of %s's experts got none of them (reached %v)", spare, victim, c)
+	if !toSpare {
+		t.Errorf("after %s died, request %s sent the spare holder %s none of its experts", victim, sender, spare)
 	}
+	// The request whose stage node died moved to another node.
+	if st := tr.stages[hosted]; len(st) < 2 {
+		t.Errorf("request %s ran only on %v although its stage node %s died", hosted, st, victim)
+	}
+}
+
+// tryCompleteGreedy is completeGreedy for goroutines other than the
+// test's: it returns what went wrong.
+func tryCompleteGreedy(base, id string, tokens int) (wire.CompletionResponse, error) {
+	var res wire.CompletionResponse
+	body := fmt.Sprintf(`{"model":%q,"prompt":%q,"max_tokens":%d,"temperature":0}`, id, testmodel.Prompt, tokens)
+	resp, err := http.Post(base+"/v1/completions", "application/json", strings.NewReader(body))
+	if err != nil {
+		return res, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return res, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return res, fmt.Errorf("HTTP %d: %s", resp.StatusCode, b)
+	}
+	return res, json.Unmarshal(b, &res)
 }
