@@ -107,7 +107,7 @@ func BenchmarkPipeline3(b *testing.B) {
 		}
 		toks := testmodel.BenchTokens(decodeContext, m.Config.Vocab)
 		b.Run(tc.name, func(b *testing.B) {
-			directTimes, natsTimes := timeDecode(b, toks, direct, viaNATS)
+			directTimes, natsTimes, nodeTimes := timeDecode(b, toks, direct, viaNATS, req)
 			b.ResetTimer()
 			start := time.Now()
 			for i := 0; i < b.N; i++ {
@@ -124,10 +124,17 @@ func BenchmarkPipeline3(b *testing.B) {
 			hop := median(diffs).Seconds() * 1e6 / hopsPerToken
 			directTPS := float64(len(directTimes)) / sum(directTimes).Seconds()
 			ratio := sum(directTimes).Seconds() / sum(natsTimes).Seconds()
+			// Where the pipeline's extra time goes: the nodes' compute
+			// against the same stages called directly, and the rest of
+			// a token's time (messages, queues) per token.
+			nodeCompute := sum(nodeTimes).Seconds() / sum(directTimes).Seconds()
+			msgMS := (sum(natsTimes) - sum(nodeTimes)).Seconds() * 1e3 / float64(len(natsTimes))
 			b.ReportMetric(tps, "tok/s")
 			b.ReportMetric(directTPS, "direct-tok/s")
 			b.ReportMetric(hop, "hop-µs")
 			b.ReportMetric(ratio, "vs-direct")
+			b.ReportMetric(nodeCompute, "node-compute-vs-direct")
+			b.ReportMetric(msgMS, "msg-ms/token")
 			if b.N < decodeContext {
 				return // too short a run to record
 			}
@@ -149,11 +156,13 @@ func BenchmarkPipeline3(b *testing.B) {
 }
 
 // timeDecode decodes positions 0..127 with both steps in turn, twice over
-// (the first pass warms up), and returns the second pass's step times.
-func timeDecode(b *testing.B, toks []int32, direct, viaNATS func(pos int, tok int32) error) (dt, nt []time.Duration) {
+// (the first pass warms up), and returns the second pass's step times and,
+// of the NATS steps, the compute time the nodes reported (req.Compute).
+func timeDecode(b *testing.B, toks []int32, direct, viaNATS func(pos int, tok int32) error, req *nodetest.Request) (dt, nt, ct []time.Duration) {
 	b.Helper()
 	dt = make([]time.Duration, len(toks))
 	nt = make([]time.Duration, len(toks))
+	ct = make([]time.Duration, len(toks))
 	for pass := 0; pass < 2; pass++ {
 		for pos, tok := range toks {
 			t0 := time.Now()
@@ -164,10 +173,10 @@ func timeDecode(b *testing.B, toks []int32, direct, viaNATS func(pos int, tok in
 			if err := viaNATS(pos, tok); err != nil {
 				b.Fatal(err)
 			}
-			dt[pos], nt[pos] = t1.Sub(t0), time.Since(t1)
+			dt[pos], nt[pos], ct[pos] = t1.Sub(t0), time.Since(t1), req.Compute
 		}
 	}
-	return dt, nt
+	return dt, nt, ct
 }
 
 func median(d []time.Duration) time.Duration {

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
@@ -88,6 +89,10 @@ type Request struct {
 	ID    string
 	Model string
 	Route []Hop
+	// Compute is the stages' own compute time in the last Step, as their
+	// replies report it (HdrComputeUS): the rest of a step's time is
+	// messaging.
+	Compute time.Duration
 }
 
 // Step sends tokens at position pos through the route, one hop at a time
@@ -99,6 +104,7 @@ func (r *Request) Step(ctx context.Context, nc *nats.Conn, pos int, tokens []int
 		phase = wire.PhasePrefill
 	}
 	data := wire.AppendI32(nil, tokens)
+	r.Compute = 0
 	for i, hp := range r.Route {
 		msg := nats.NewMsg(subjects.Stage(hp.Node))
 		h := msg.Header
@@ -116,6 +122,11 @@ func (r *Request) Step(ctx context.Context, nc *nats.Conn, pos int, tokens []int
 		if e := reply.Header.Get(wire.HdrError); e != "" {
 			return nil, fmt.Errorf("%w: %s", ErrStage, e)
 		}
+		us, err := strconv.ParseInt(reply.Header.Get(wire.HdrComputeUS), 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("%w: header %s: %v", ErrStage, wire.HdrComputeUS, err)
+		}
+		r.Compute += time.Duration(us) * time.Microsecond
 		if i < len(r.Route)-1 {
 			data = reply.Data
 			continue
