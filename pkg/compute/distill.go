@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"math/bits"
+	"slices"
 
 	"github.com/tessera-grid/tessera/pkg/model"
 )
@@ -568,7 +569,7 @@ func (a *adam) update(params, grads [][]float64) {
 
 // Distillation schedule: epochs over the calibration sequences in their
 // order, minibatches of distillBatch sequences, Adam with a learning rate
-// decaying from distillLR to 0 along a cosine.
+// that warms up to distillLR and decays to 0 along a cosine.
 const (
 	distillEpochs = 4
 	distillBatch  = 8
@@ -578,39 +579,121 @@ const (
 // distill fine-tunes g's down projection for k active groups and the
 // compensation of every set of k groups end to end (see dnet) on the
 // calibration sequences, the dense model (one stage with its head) giving
-// the target distributions. Each sequence's gradient is computed apart
-// and the minibatch's summed in order, so that the result does not depend
-// on the pool's size.
+// the target distributions. The refit is kept where the distilled model
+// is no closer to the dense one on the calibration text (too little text
+// for the fine-tuning to add to the refit).
 func distill(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, k int, dense *Stage, pool *Pool, epochs int) error {
 	net, err := newDnet(ck, g, k)
 	if err != nil {
 		return err
 	}
-	params := net.params()
+	before, err := selectiveKL(ck, calib, g, k, dense, pool)
+	if err != nil {
+		return err
+	}
+	down, comp := make([][]float32, len(g.Down)), make([][]*model.FFNComp, len(g.Comp))
+	for l := range g.Down {
+		down[l], comp[l] = g.Down[l][k], slices.Clone(g.Comp[l])
+	}
+	if err := net.train(calib, dense, pool, epochs); err != nil {
+		return err
+	}
+	net.install(g)
+	after, err := selectiveKL(ck, calib, g, k, dense, pool)
+	if err != nil {
+		return err
+	}
+	if after >= before {
+		// Too little text to improve on the refit: keep it.
+		for l := range g.Down {
+			g.Down[l][k], g.Comp[l] = down[l], comp[l]
+		}
+	}
+	return nil
+}
+
+// train runs the distillation's epochs over calib. Each sequence's
+// gradient is computed apart and the minibatch's summed in order, so that
+// the result does not depend on the pool's size.
+func (n *dnet) train(calib [][]int32, dense *Stage, pool *Pool, epochs int) error {
+	params := n.params()
 	opt := newAdam(params, distillLR)
 	grads := make([]*dgrad, min(distillBatch, len(calib)))
 	for i := range grads {
-		grads[i] = net.newGrad()
+		grads[i] = n.newGrad()
 	}
 	steps := epochs * ((len(calib) + distillBatch - 1) / distillBatch)
 	for ep := 0; ep < epochs; ep++ {
 		for b0 := 0; b0 < len(calib); b0 += distillBatch {
 			batch := calib[b0:min(b0+distillBatch, len(calib))]
-			if err := net.step(batch, grads, dense, pool); err != nil {
+			if err := n.step(batch, grads, dense, pool); err != nil {
 				return err
 			}
-			opt.lr = distillLR * 0.5 * (1 + math.Cos(math.Pi*float64(opt.step)/float64(steps)))
 			gs := grads[0].flat()
 			for _, gr := range grads[1:len(batch)] {
 				for j, p := range gr.flat() {
 					axpy64(1, p, gs[j])
 				}
 			}
+			opt.lr = distillRate(opt.step, steps)
 			opt.update(params, gs)
 		}
 	}
-	net.install(g)
 	return nil
+}
+
+// selectiveKL is the mean, over every position of calib, of the KL
+// divergence of g's selective model with k groups active from the dense
+// model, both run as stages.
+func selectiveKL(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, k int, dense *Stage, pool *Pool) (float64, error) {
+	c := ck.Config
+	gk := *g
+	gk.TopK = k
+	layers, err := GroupedLayers(ck, &gk)
+	if err != nil {
+		return 0, err
+	}
+	cfg := c
+	cfg.FFNGroups, cfg.TopK = g.Groups(), k
+	sel, err := NewStage(cfg, 0, c.Layers, &Embedding{Table: NewMatrixF32(c.Vocab, c.Dim, ck.TokenEmbedding)}, layers, &Head{Norm: ck.FinalNorm, Classifier: NewMatrixF32(c.Vocab, c.Dim, ck.Classifier)}, pool)
+	if err != nil {
+		return 0, err
+	}
+	var sum float64
+	rows := 0
+	for b0 := 0; b0 < len(calib); b0 += distillBatch {
+		batch := calib[b0:min(b0+distillBatch, len(calib))]
+		its := func() []*Item {
+			out := make([]*Item, len(batch))
+			for i, seq := range batch {
+				out[i] = &Item{Cache: NewCache(c, c.Layers), N: len(seq), Tokens: seq, AllLogits: true}
+			}
+			return out
+		}
+		di, si := its(), its()
+		if err := dense.Forward(di); err != nil {
+			return 0, err
+		}
+		if err := sel.Forward(si); err != nil {
+			return 0, err
+		}
+		for i := range batch {
+			z := f64(si[i].Logits)
+			sum += klLoss(z, di[i].Logits, c.Vocab, 0, make([]float64, len(z)))
+			rows += len(batch[i])
+		}
+	}
+	return sum / float64(rows), nil
+}
+
+// distillRate is the learning rate of step t of steps: a linear warm-up
+// over the first tenth, then a cosine decay to 0.
+func distillRate(t, steps int) float64 {
+	warm := max(1, steps/10)
+	if t < warm {
+		return distillLR * float64(t+1) / float64(warm)
+	}
+	return distillLR * 0.5 * (1 + math.Cos(math.Pi*float64(t-warm)/float64(steps-warm)))
 }
 
 // step computes into grads[i] the gradient of the batch's mean KL

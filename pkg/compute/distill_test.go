@@ -69,3 +69,42 @@ func TestDistillGradient(t *testing.T) {
 		}
 	}
 }
+
+// Distillation never leaves the selective model farther from the dense
+// one on its calibration text than the refit alone: with little text it
+// keeps the refit, with more it comes closer.
+func TestDistillNoWorseThanRefit(t *testing.T) {
+	ck, _ := loadDemo(t)
+	pool := NewPool(0)
+	defer pool.Close()
+	dense, err := StageFromCheckpoint(ck, 0, ck.Config.Layers, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []int{4, 32} {
+		calib, err := CalibrationSequences(ck, n, 64, pool)
+		if err != nil {
+			t.Fatal(err)
+		}
+		refit, err := fitGrouping(ck, calib, selectiveGroups, 1, []int{2}, pool) // top-1: no distillation
+		if err != nil {
+			t.Fatal(err)
+		}
+		distilled, err := FitGroupingFor(ck, calib, selectiveGroups, 2, pool)
+		if err != nil {
+			t.Fatal(err)
+		}
+		before, err := selectiveKL(ck, calib, refit, 2, dense, pool)
+		if err != nil {
+			t.Fatal(err)
+		}
+		after, err := selectiveKL(ck, calib, distilled, 2, dense, pool)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if after > before {
+			t.Fatalf("%d sequences: mean KL %.4f after distillation, %.4f before", n, after, before)
+		}
+		t.Logf("%d sequences: mean KL %.4f before distillation, %.4f after", n, before, after)
+	}
+}
