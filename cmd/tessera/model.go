@@ -106,7 +106,8 @@ func modelImport(ctx context.Context, args []string, stdout, stderr io.Writer) e
 // fitGrouping cuts the dense checkpoint at path into groups neuron groups
 // per FFN with a scorer, the down projections refitted for topK active
 // groups and their compensation, fitted on 1024 sequences of 128 tokens the
-// model samples itself (as the selective benchmark does).
+// model samples itself and distilled end to end against the dense model on
+// them (as the selective benchmark does).
 func fitGrouping(path string, groups, topK int) (*model.FFNGrouping, error) {
 	ck, err := model.LoadCheckpoint(path)
 	if err != nil {

@@ -3,6 +3,7 @@ package compute
 import (
 	"fmt"
 	"math"
+	"slices"
 	"sort"
 
 	"github.com/tessera-grid/tessera/pkg/model"
@@ -21,7 +22,8 @@ import (
 //     (‖W2_g·a_g‖) on the normalized input x and a constant, so that the
 //     predictor costs groups × (dim+1) multiply-adds per token;
 //   - for tokens that compute k < groups groups, a refitted down projection
-//     of the groups and a compensation of the skipped ones (comp.go).
+//     of the groups and a compensation of the skipped ones (comp.go),
+//     fine-tuned for the model's top-k end to end (distill.go).
 
 // CalibrationSequences returns n token sequences of length tokens sampled
 // from the dense model ck (temperature 1, seeds 1..n, starting at BOS): text
@@ -53,7 +55,8 @@ func CalibrationSequences(ck *model.Checkpoint, n, tokens int, pool *Pool) ([][]
 // groups of equal size (±1) and fits each layer's scorer on the calibration
 // sequences, and the refit for every number of active groups below groups
 // (so that the grouping serves any top-k); topK is the groups a token
-// uses. It is deterministic.
+// uses, whose refit is then distilled end to end against the dense model
+// (distill). It is deterministic.
 func FitGrouping(ck *model.Checkpoint, calib [][]int32, groups, topK int, pool *Pool) (*model.FFNGrouping, error) {
 	ks := make([]int, 0, groups)
 	for k := 1; k < groups; k++ {
@@ -122,6 +125,11 @@ func fitGrouping(ck *model.Checkpoint, calib [][]int32, groups, topK int, ks []i
 	}
 	if err := fitRefit(ck, calib, g, s, pool, ks); err != nil {
 		return nil, err
+	}
+	if slices.Contains(ks, topK) {
+		if err := distill(ck, calib, g, topK, s, pool, distillEpochs); err != nil {
+			return nil, fmt.Errorf("distilling the refit for %d groups: %w", topK, err)
+		}
 	}
 	return g, nil
 }
