@@ -71,8 +71,9 @@ func TestDistillGradient(t *testing.T) {
 }
 
 // Distillation never leaves the selective model farther from the dense
-// one on its calibration text than the refit alone: with little text it
-// keeps the refit, with more it comes closer.
+// one on its calibration text than the refit alone: with little text (4
+// sequences, where training overfits) it keeps the refit exactly, with
+// more (32) it comes closer.
 func TestDistillNoWorseThanRefit(t *testing.T) {
 	ck, _ := loadDemo(t)
 	pool := NewPool(0)
@@ -102,8 +103,11 @@ func TestDistillNoWorseThanRefit(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if after > before {
-			t.Fatalf("%d sequences: mean KL %.4f after distillation, %.4f before", n, after, before)
+		if n == 4 && after != before {
+			t.Fatalf("%d sequences: mean KL %.6f after distillation, %.6f before: the refit was not kept", n, after, before)
+		}
+		if n == 32 && after >= before {
+			t.Fatalf("%d sequences: mean KL %.6f after distillation, %.6f before: no closer", n, after, before)
 		}
 		t.Logf("%d sequences: mean KL %.4f before distillation, %.4f after", n, before, after)
 	}
