@@ -87,7 +87,7 @@ func TestDistillNoWorseThanRefit(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		refit, err := fitGrouping(ck, calib, selectiveGroups, 1, []int{2}, pool) // top-1: no distillation
+		refit, err := fitGrouping(ck, calib, selectiveGroups, 2, []int{2}, nil, pool)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -62,21 +62,29 @@ func FitGrouping(ck *model.Checkpoint, calib [][]int32, groups, topK int, pool *
 	for k := 1; k < groups; k++ {
 		ks = append(ks, k)
 	}
-	return fitGrouping(ck, calib, groups, topK, ks, pool)
+	return fitGrouping(ck, calib, groups, topK, ks, distilled(topK, groups), pool)
+}
+
+// distilled is the refit FitGrouping and FitGroupingFor distil: topK's,
+// when a token skips any group.
+func distilled(topK, groups int) []int {
+	if topK < groups {
+		return []int{topK}
+	}
+	return nil
 }
 
 // FitGroupingFor is FitGrouping with the refit for topK active groups
 // only: what a model served at that top-k needs, in about 1/(groups−1) of
 // the refit's time.
 func FitGroupingFor(ck *model.Checkpoint, calib [][]int32, groups, topK int, pool *Pool) (*model.FFNGrouping, error) {
-	var ks []int
-	if topK < groups {
-		ks = []int{topK}
-	}
-	return fitGrouping(ck, calib, groups, topK, ks, pool)
+	ks := distilled(topK, groups)
+	return fitGrouping(ck, calib, groups, topK, ks, ks, pool)
 }
 
-func fitGrouping(ck *model.Checkpoint, calib [][]int32, groups, topK int, ks []int, pool *Pool) (*model.FFNGrouping, error) {
+// fitGrouping fits the grouping, its scorer and the refit for each k in
+// ks, then distils the refit of each k in distil (each also in ks).
+func fitGrouping(ck *model.Checkpoint, calib [][]int32, groups, topK int, ks, distil []int, pool *Pool) (*model.FFNGrouping, error) {
 	c := ck.Config
 	if c.Experts > 0 || groups < 2 || groups > c.HiddenDim || topK < 1 || topK > groups {
 		return nil, fmt.Errorf("%w: cannot group a %d-neuron FFN into %d groups, top %d", ErrInput, c.HiddenDim, groups, topK)
@@ -126,9 +134,12 @@ func fitGrouping(ck *model.Checkpoint, calib [][]int32, groups, topK int, ks []i
 	if err := fitRefit(ck, calib, g, s, pool, ks); err != nil {
 		return nil, err
 	}
-	if slices.Contains(ks, topK) {
-		if err := distill(ck, calib, g, topK, s, pool, distillEpochs); err != nil {
-			return nil, fmt.Errorf("distilling the refit for %d groups: %w", topK, err)
+	for _, k := range distil {
+		if !slices.Contains(ks, k) {
+			return nil, fmt.Errorf("%w: no refit for %d groups to distil", ErrInput, k)
+		}
+		if err := distill(ck, calib, g, k, s, pool, distillEpochs); err != nil {
+			return nil, fmt.Errorf("distilling the refit for %d groups: %w", k, err)
 		}
 	}
 	return g, nil
