@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/schollz/progressbar/v3"
 
@@ -82,9 +83,14 @@ func modelImport(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	}
 	opts := model.FragmentOptions{DType: *dtype}
 	if *groups > 1 {
+		// Sampling the calibration text, the fit and the distillation
+		// take minutes on a few cores, with nothing else to show.
+		start := time.Now()
+		fmt.Fprintf(stderr, "fitting %d neuron groups per FFN for top-%d (minutes: calibration text, refit, distillation)...\n", *groups, *topK)
 		if opts.Grouping, err = fitGrouping(path, *groups, *topK); err != nil {
 			return fmt.Errorf("model import: %w", err)
 		}
+		fmt.Fprintf(stderr, "fitted in %s\n", time.Since(start).Round(time.Second))
 	}
 	var bar *progressbar.ProgressBar
 	m, err := st.ImportCheckpointWith(ctx, *id, path, *tok, opts, func(done, total int64) {
