@@ -102,16 +102,11 @@ func fitRefit(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, dense
 	}
 	sels := make([]*Stage, len(ks))
 	passes := make([]*Pass, len(ks))
+	unfitted := *g
+	unfitted.Down, unfitted.Comp = nil, nil
 	for i, k := range ks {
-		gk := *g
-		gk.TopK, gk.Down, gk.Comp = k, nil, nil
-		layers, err := GroupedLayers(ck, &gk)
-		if err != nil {
-			return err
-		}
-		cfg := c
-		cfg.FFNGroups, cfg.TopK = G, k
-		if sels[i], err = NewStage(cfg, 0, c.Layers, &Embedding{Table: NewMatrixF32(c.Vocab, c.Dim, ck.TokenEmbedding)}, layers, nil, pool); err != nil {
+		var err error
+		if sels[i], err = selectiveStage(ck, &unfitted, k, false, pool); err != nil {
 			return err
 		}
 		if passes[i], err = sels[i].Begin(items()); err != nil {

@@ -587,27 +587,24 @@ func distill(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, k int,
 	if err != nil {
 		return err
 	}
-	before, err := selectiveKL(ck, calib, g, k, dense, pool)
-	if err != nil {
-		return err
-	}
-	down, comp := make([][]float32, len(g.Down)), make([][]*model.FFNComp, len(g.Comp))
+	// The refit, kept aside: training installs new tensors in g's
+	// layers' lists, so copies of those lists keep the refit's.
+	refit := *g
+	refit.Down, refit.Comp = make([][][]float32, len(g.Down)), make([][]*model.FFNComp, len(g.Comp))
 	for l := range g.Down {
-		down[l], comp[l] = g.Down[l][k], slices.Clone(g.Comp[l])
+		refit.Down[l], refit.Comp[l] = slices.Clone(g.Down[l]), slices.Clone(g.Comp[l])
 	}
 	if err := net.train(calib, dense, pool, epochs); err != nil {
 		return err
 	}
 	net.install(g)
-	after, err := selectiveKL(ck, calib, g, k, dense, pool)
+	kl, err := selectiveKL(ck, calib, k, dense, pool, &refit, g)
 	if err != nil {
 		return err
 	}
-	if after >= before {
+	if kl[1] >= kl[0] {
 		// Too little text to improve on the refit: keep it.
-		for l := range g.Down {
-			g.Down[l][k], g.Comp[l] = down[l], comp[l]
-		}
+		g.Down, g.Comp = refit.Down, refit.Comp
 	}
 	return nil
 }
@@ -642,24 +639,19 @@ func (n *dnet) train(calib [][]int32, dense *Stage, pool *Pool, epochs int) erro
 	return nil
 }
 
-// selectiveKL is the mean, over every position of calib, of the KL
-// divergence of g's selective model with k groups active from the dense
-// model, both run as stages.
-func selectiveKL(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, k int, dense *Stage, pool *Pool) (float64, error) {
+// selectiveKL is, for each of gs, the mean over every position of calib
+// of the KL divergence of its selective model with k groups active from
+// the dense model, all run as stages over one dense pass.
+func selectiveKL(ck *model.Checkpoint, calib [][]int32, k int, dense *Stage, pool *Pool, gs ...*model.FFNGrouping) ([]float64, error) {
 	c := ck.Config
-	gk := *g
-	gk.TopK = k
-	layers, err := GroupedLayers(ck, &gk)
-	if err != nil {
-		return 0, err
+	sels := make([]*Stage, len(gs))
+	for i, g := range gs {
+		var err error
+		if sels[i], err = selectiveStage(ck, g, k, true, pool); err != nil {
+			return nil, err
+		}
 	}
-	cfg := c
-	cfg.FFNGroups, cfg.TopK = g.Groups(), k
-	sel, err := NewStage(cfg, 0, c.Layers, &Embedding{Table: NewMatrixF32(c.Vocab, c.Dim, ck.TokenEmbedding)}, layers, &Head{Norm: ck.FinalNorm, Classifier: NewMatrixF32(c.Vocab, c.Dim, ck.Classifier)}, pool)
-	if err != nil {
-		return 0, err
-	}
-	var sum float64
+	sums := make([]float64, len(gs))
 	rows := 0
 	for b0 := 0; b0 < len(calib); b0 += distillBatch {
 		batch := calib[b0:min(b0+distillBatch, len(calib))]
@@ -670,20 +662,28 @@ func selectiveKL(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, k 
 			}
 			return out
 		}
-		di, si := its(), its()
+		di := its()
 		if err := dense.Forward(di); err != nil {
-			return 0, err
+			return nil, err
 		}
-		if err := sel.Forward(si); err != nil {
-			return 0, err
+		for s, sel := range sels {
+			si := its()
+			if err := sel.Forward(si); err != nil {
+				return nil, err
+			}
+			for i := range batch {
+				z := f64(si[i].Logits)
+				sums[s] += klLoss(z, di[i].Logits, c.Vocab, 0, make([]float64, len(z)))
+			}
 		}
-		for i := range batch {
-			z := f64(si[i].Logits)
-			sum += klLoss(z, di[i].Logits, c.Vocab, 0, make([]float64, len(z)))
-			rows += len(batch[i])
+		for _, seq := range batch {
+			rows += len(seq)
 		}
 	}
-	return sum / float64(rows), nil
+	for i := range sums {
+		sums[i] /= float64(rows)
+	}
+	return sums, nil
 }
 
 // distillRate is the learning rate of step t of steps: a linear warm-up

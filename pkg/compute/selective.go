@@ -304,6 +304,25 @@ func GroupedLayers(ck *model.Checkpoint, g *model.FFNGrouping) ([]*Layer, error)
 	return layers, nil
 }
 
+// selectiveStage is the whole model ck as one stage whose FFNs run g's
+// groups with k of them active, with the final norm and classifier when
+// head is set.
+func selectiveStage(ck *model.Checkpoint, g *model.FFNGrouping, k int, head bool, pool *Pool) (*Stage, error) {
+	gk := *g
+	gk.TopK = k
+	layers, err := GroupedLayers(ck, &gk)
+	if err != nil {
+		return nil, err
+	}
+	cfg := ck.Config
+	cfg.FFNGroups, cfg.TopK = g.Groups(), k
+	var h *Head
+	if head {
+		h = &Head{Norm: ck.FinalNorm, Classifier: NewMatrixF32(cfg.Vocab, cfg.Dim, ck.Classifier)}
+	}
+	return NewStage(cfg, 0, cfg.Layers, &Embedding{Table: NewMatrixF32(cfg.Vocab, cfg.Dim, ck.TokenEmbedding)}, layers, h, pool)
+}
+
 // useDown makes each group expert of a layer (its neurons in groups) use
 // its columns of down, a refitted dim × hidden down projection, as W2.
 func useDown(ex []*Expert, groups [][]int, down []float32, dim, hidden int) {

@@ -21,15 +21,7 @@ const selectiveGroups = 4
 // groupedStage builds stories260K split by g with top-k groups active.
 func groupedStage(t testing.TB, ck *model.Checkpoint, g *model.FFNGrouping, k int, pool *Pool) *Stage {
 	t.Helper()
-	cfg := ck.Config
-	cfg.FFNGroups, cfg.TopK = g.Groups(), k
-	gk := *g
-	gk.TopK = k
-	layers, err := GroupedLayers(ck, &gk)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := NewStage(cfg, 0, cfg.Layers, &Embedding{Table: NewMatrixF32(cfg.Vocab, cfg.Dim, ck.TokenEmbedding)}, layers, &Head{Norm: ck.FinalNorm, Classifier: NewMatrixF32(cfg.Vocab, cfg.Dim, ck.Classifier)}, pool)
+	s, err := selectiveStage(ck, g, k, true, pool)
 	if err != nil {
 		t.Fatal(err)
 	}
