@@ -11,7 +11,7 @@ export TESSERA_BENCH_RESULTS=${TESSERA_BENCH_RESULTS:-$root/bench/results.json}
 mkdir -p "$root/bench/out" "$(dirname "$TESSERA_BENCH_RESULTS")"
 table=$root/bench/out/selective-table.md
 export TESSERA_SELECTIVE_TABLE=$table
-(cd "$root/pkg" && go test ./compute/ -run '^$' -bench '^BenchmarkSelective$' -benchtime 1x -count 1 -timeout 30m)
+(cd "$root/pkg" && go test ./compute/ -run '^$' -bench '^BenchmarkSelective$' -benchtime 1x -count 1 -timeout 90m)
 doc=$root/BENCHMARKS.md
 awk -v t="$table" '
 	/<!-- table start -->/ { print; while ((getline line < t) > 0) print line; skip = 1; next }

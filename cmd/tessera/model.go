@@ -111,9 +111,9 @@ func modelImport(ctx context.Context, args []string, stdout, stderr io.Writer) e
 
 // fitGrouping cuts the dense checkpoint at path into groups neuron groups
 // per FFN with a scorer, the down projections refitted for topK active
-// groups and their compensation, fitted on 1024 sequences of 128 tokens the
-// model samples itself and distilled end to end against the dense model on
-// them (as the selective benchmark does).
+// groups and their compensation, fitted on compute.CalibSequences
+// sequences the model samples itself and distilled end to end against the
+// dense model on them (as the selective benchmark does).
 func fitGrouping(path string, groups, topK int) (*model.FFNGrouping, error) {
 	ck, err := model.LoadCheckpoint(path)
 	if err != nil {
@@ -121,7 +121,7 @@ func fitGrouping(path string, groups, topK int) (*model.FFNGrouping, error) {
 	}
 	pool := compute.NewPool(0)
 	defer pool.Close()
-	calib, err := compute.CalibrationSequences(ck, 1024, min(128, ck.Config.SeqLen), pool)
+	calib, err := compute.CalibrationSequences(ck, compute.CalibSequences, min(compute.CalibTokens, ck.Config.SeqLen), pool)
 	if err != nil {
 		return nil, err
 	}

@@ -1,6 +1,7 @@
 package compute
 
 import (
+	"cmp"
 	"fmt"
 
 	"github.com/tessera-grid/tessera/pkg/model"
@@ -149,22 +150,29 @@ func ExpertFromFragment(c wire.ModelConfig, f *model.Fragment) (*Expert, error) 
 		return nil, fmt.Errorf("fragment %s tensor w1 has shape %v, want [hidden %d]", f.Manifest.Fragment, t.Shape, c.Dim)
 	}
 	h := t.Shape[0]
-	e := &Expert{}
-	if e.W1, err = matrixFromFragment(f, "w1", h, c.Dim); err != nil {
-		return nil, err
-	}
 	// A group of a split dense layer that computes fewer than all groups
-	// uses the down projection refitted for that many, where it has one.
-	w2 := "w2"
+	// uses the projections refitted or fine-tuned for that many, where it
+	// has them.
+	w1, w2, w3 := "w1", "w2", "w3"
 	if c.Experts == 0 && c.TopK > 0 && c.TopK < c.FFNGroups {
-		if _, _, err := f.Tensor(model.DownTensor(c.TopK)); err == nil {
-			w2 = model.DownTensor(c.TopK)
+		tuned := func(name string) string {
+			if _, _, err := f.Tensor(name); err == nil {
+				return name
+			}
+			return ""
 		}
+		w1 = cmp.Or(tuned(model.GateTensor(c.TopK)), w1)
+		w2 = cmp.Or(tuned(model.DownTensor(c.TopK)), w2)
+		w3 = cmp.Or(tuned(model.UpTensor(c.TopK)), w3)
+	}
+	e := &Expert{}
+	if e.W1, err = matrixFromFragment(f, w1, h, c.Dim); err != nil {
+		return nil, err
 	}
 	if e.W2, err = matrixFromFragment(f, w2, c.Dim, h); err != nil {
 		return nil, err
 	}
-	if e.W3, err = matrixFromFragment(f, "w3", h, c.Dim); err != nil {
+	if e.W3, err = matrixFromFragment(f, w3, h, c.Dim); err != nil {
 		return nil, err
 	}
 	return e, nil

@@ -23,7 +23,19 @@ import (
 //     predictor costs groups × (dim+1) multiply-adds per token;
 //   - for tokens that compute k < groups groups, a refitted down projection
 //     of the groups and a compensation of the skipped ones (comp.go),
-//     fine-tuned for the model's top-k end to end (distill.go).
+//     fine-tuned for the model's top-k end to end with copies of the
+//     groups' gate and up projections (distill.go).
+
+// Calibration text a grouping is fitted on, as `tessera model import` and
+// the selective benchmark sample it (CalibrationSequences): how many
+// sequences, of how many tokens. The distillation overfits 1024 sequences
+// (mean KL 0.18 on them, 0.32 on others the model samples); 2048 trained
+// for 6 epochs cost what 1024 for 12 do and agree better with the dense
+// model on unseen prompts (90.2% against 88.6% at k = 2).
+const (
+	CalibSequences = 2048
+	CalibTokens    = 128
+)
 
 // CalibrationSequences returns n token sequences of length tokens sampled
 // from the dense model ck (temperature 1, seeds 1..n, starting at BOS): text
@@ -294,6 +306,9 @@ func GroupedLayers(ck *model.Checkpoint, g *model.FFNGrouping) ([]*Layer, error)
 		if k := g.TopK; g.Down != nil && k < len(ex) && g.Down[i][k] != nil {
 			useDown(ex, g.Neurons[i], g.Down[i][k], c.Dim, c.HiddenDim)
 		}
+		if k := g.TopK; g.Gate != nil && k < len(ex) && g.Gate[i][k] != nil {
+			useGateUp(ex, g.Neurons[i], g.Gate[i][k], g.Up[i][k], c.Dim)
+		}
 		l.Experts, l.Scorer, l.ScorerBias = ex, NewMatrixF32(len(ex), c.Dim, g.Scorer[i]), g.Bias[i]
 		if g.Comp != nil {
 			l.Comp = g.Comp[i]
@@ -328,5 +343,15 @@ func selectiveStage(ck *model.Checkpoint, g *model.FFNGrouping, k int, head bool
 func useDown(ex []*Expert, groups [][]int, down []float32, dim, hidden int) {
 	for e, ns := range groups {
 		ex[e].W2 = NewMatrixF32(dim, len(ns), model.NeuronColumns(down, dim, hidden, ns))
+	}
+}
+
+// useGateUp makes each group expert of a layer (its neurons in groups)
+// use its rows of gate and up, fine-tuned hidden × dim gate and up
+// projections, as W1 and W3.
+func useGateUp(ex []*Expert, groups [][]int, gate, up []float32, dim int) {
+	for e, ns := range groups {
+		ex[e].W1 = NewMatrixF32(len(ns), dim, model.NeuronRows(gate, dim, ns))
+		ex[e].W3 = NewMatrixF32(len(ns), dim, model.NeuronRows(up, dim, ns))
 	}
 }

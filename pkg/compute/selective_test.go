@@ -97,6 +97,14 @@ func TestFitGroupingForOneTopK(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if (two.Gate == nil) != (all.Gate == nil) {
+		t.Fatalf("fine-tuned gate projections: %v, FitGrouping's %v", two.Gate != nil, all.Gate != nil)
+	}
+	for l := range two.Gate {
+		if maxDiff(two.Gate[l][2], all.Gate[l][2]) != 0 || maxDiff(two.Up[l][2], all.Up[l][2]) != 0 {
+			t.Fatalf("layer %d: the gate and up projections for 2 groups differ from FitGrouping's", l)
+		}
+	}
 	for l := range two.Down {
 		for k, w := range two.Down[l] {
 			if (w != nil) != (k == 2) {
@@ -131,7 +139,7 @@ type selectiveRow struct {
 // (the scorer's included), messages per token, and top-1 agreement and mean
 // KL divergence against the dense model, teacher-forced on the dense
 // model's greedy continuation (60 tokens) of each of 20 prompts
-// (testdata/selective_prompts.txt). The grouping is fitted on 1024 sequences
+// (testdata/selective_prompts.txt). The grouping is fitted on 2048 sequences
 // of 128 tokens sampled from the model itself, none of them a prompt, with
 // the refit of every k below 4, each distilled end to end.
 //
@@ -159,7 +167,7 @@ func BenchmarkSelective(b *testing.B) {
 	var rows []selectiveRow
 	var oracle float64
 	for i := 0; i < b.N; i++ {
-		calib, err := CalibrationSequences(ck, 1024, 128, pool)
+		calib, err := CalibrationSequences(ck, CalibSequences, CalibTokens, pool)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -312,11 +320,11 @@ func selectiveFLOPs(c wire.ModelConfig, g *model.FFNGrouping, k int) (dense, sel
 // The refit (down projection and compensation of the skipped groups)
 // brings a selective model closer to the dense one, on text it was not
 // fitted on, and travels in the fragments: the compensation in the layer's,
-// each group's refitted columns in the group's.
+// each group's refitted columns and fine-tuned rows in the group's.
 func TestCompensationLowersDivergence(t *testing.T) {
 	ck, tok, pool, _, g := demoGrouping(t, 16, 128, 2)
 	bare := *g
-	bare.Comp, bare.Down = nil, nil
+	bare.Comp, bare.Down, bare.Gate, bare.Up = nil, nil, nil, nil
 	dense, err := StageFromCheckpoint(ck, 0, ck.Config.Layers, pool)
 	if err != nil {
 		t.Fatal(err)
@@ -350,8 +358,19 @@ func TestCompensationLowersDivergence(t *testing.T) {
 			t.Fatalf("compensation %v: %d FLOPs counted", tc.want, it.CompFLOPs)
 		}
 	}
-	// Fragments carry it: the layer read back applies the same maps.
-	blobs, _, err := model.Fragments("s", ck, nil, model.FragmentOptions{DType: model.DTypeF32, Grouping: g})
+	// Fragments carry it: the layer read back applies the same maps, and
+	// each group's holder its refitted down and fine-tuned gate and up
+	// projections (here made up, so that they differ from the dense ones).
+	tuned := *g
+	tuned.Gate, tuned.Up = make([][][]float32, len(g.Down)), make([][][]float32, len(g.Down))
+	for l := range tuned.Gate {
+		tuned.Gate[l], tuned.Up[l] = make([][]float32, selectiveGroups), make([][]float32, selectiveGroups)
+		tuned.Gate[l][2], tuned.Up[l][2] = make([]float32, len(ck.W1[l])), make([]float32, len(ck.W3[l]))
+		for i, v := range ck.W1[l] {
+			tuned.Gate[l][2][i], tuned.Up[l][2][i] = 1.5*v, -ck.W3[l][i]
+		}
+	}
+	blobs, _, err := model.Fragments("s", ck, nil, model.FragmentOptions{DType: model.DTypeF32, Grouping: &tuned})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -381,6 +400,9 @@ func TestCompensationLowersDivergence(t *testing.T) {
 			}
 			if maxDiff(x.W2.F32, model.NeuronColumns(ck.W2[1], cfg.Dim, cfg.HiddenDim, ns)) == 0 {
 				t.Fatalf("group %d: the refitted down projection equals the dense one", e)
+			}
+			if maxDiff(x.W1.F32, model.NeuronRows(tuned.Gate[1][2], cfg.Dim, ns)) != 0 || maxDiff(x.W3.F32, model.NeuronRows(tuned.Up[1][2], cfg.Dim, ns)) != 0 {
+				t.Fatalf("group %d: the gate and up projections read back are not the fine-tuned ones", e)
 			}
 			experts++
 			continue

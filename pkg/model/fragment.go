@@ -343,11 +343,35 @@ type FFNGrouping struct {
 	// compute only k groups: dim × hidden, laid out as the dense W2, of
 	// which each group uses its own neurons' columns in place of W2's.
 	Down [][][]float32
+	// Gate and Up are, per layer and per number k of active groups (as
+	// Down), the gate and up projections fine-tuned for tokens that
+	// compute only k groups: hidden × dim, laid out as the dense W1 and
+	// W3, of which each group uses its own neurons' rows (nil: the dense
+	// W1 and W3).
+	Gate, Up [][][]float32
 }
 
 // DownTensor is the name, in a neuron group's fragment, of its down
 // projection refitted for k active groups.
 func DownTensor(k int) string { return fmt.Sprintf("w2.k%d", k) }
+
+// GateTensor is the name, in a neuron group's fragment, of its gate
+// projection fine-tuned for k active groups.
+func GateTensor(k int) string { return fmt.Sprintf("w1.k%d", k) }
+
+// UpTensor is the name, in a neuron group's fragment, of its up
+// projection fine-tuned for k active groups.
+func UpTensor(k int) string { return fmt.Sprintf("w3.k%d", k) }
+
+// NeuronRows returns the rows ns, in that order, of the h × cols matrix w
+// (row-major): len(ns) × cols values.
+func NeuronRows(w []float32, cols int, ns []int) []float32 {
+	out := make([]float32, 0, len(ns)*cols)
+	for _, n := range ns {
+		out = append(out, w[n*cols:(n+1)*cols]...)
+	}
+	return out
+}
 
 // NeuronColumns returns the columns ns, in that order, of the rows × h
 // matrix w (row-major): rows × len(ns) values.
@@ -418,6 +442,35 @@ func (g *FFNGrouping) check(c wire.ModelConfig) error {
 			for k, w := range g.Down[l] {
 				if w != nil && (k == 0 || len(w) != c.Dim*c.HiddenDim) {
 					return fmt.Errorf("grouping: layer %d down projection for %d groups has %d values, want %d×%d", l, k, len(w), c.Dim, c.HiddenDim)
+				}
+			}
+		}
+		for _, p := range []struct {
+			name string
+			ws   [][][]float32
+		}{{"gate", g.Gate}, {"up", g.Up}} {
+			if p.ws == nil {
+				continue
+			}
+			if len(p.ws) != c.Layers {
+				return fmt.Errorf("grouping: fine-tuned %s projections for %d layers, want %d", p.name, len(p.ws), c.Layers)
+			}
+			if len(p.ws[l]) != n {
+				return fmt.Errorf("grouping: layer %d has fine-tuned %s projections for %d group counts, want %d", l, p.name, len(p.ws[l]), n)
+			}
+			for k, w := range p.ws[l] {
+				if w != nil && (k == 0 || len(w) != c.HiddenDim*c.Dim) {
+					return fmt.Errorf("grouping: layer %d %s projection for %d groups has %d values, want %d×%d", l, p.name, k, len(w), c.HiddenDim, c.Dim)
+				}
+			}
+		}
+		if (g.Gate == nil) != (g.Up == nil) {
+			return fmt.Errorf("grouping: fine-tuned gate projections without up projections, or up without gate")
+		}
+		if g.Gate != nil {
+			for k := range g.Gate[l] {
+				if (g.Gate[l][k] == nil) != (g.Up[l][k] == nil) {
+					return fmt.Errorf("grouping: layer %d has a fine-tuned up projection for %d groups without its gate projection, or a gate without up", l, k)
 				}
 			}
 		}
@@ -531,6 +584,12 @@ func Fragments(id string, ck *Checkpoint, tokenizer []byte, opts FragmentOptions
 				gt := neuronGroup(ck, i, ns, mat)
 				if k := grp.TopK; grp.Down != nil && k < grp.Groups() && grp.Down[i][k] != nil {
 					gt = append(gt, mat(DownTensor(k), d, len(ns), NeuronColumns(grp.Down[i][k], d, f, ns)))
+				}
+				if k := grp.TopK; grp.Gate != nil && k < grp.Groups() && grp.Gate[i][k] != nil {
+					gt = append(gt, mat(GateTensor(k), len(ns), d, NeuronRows(grp.Gate[i][k], d, ns)))
+				}
+				if k := grp.TopK; grp.Up != nil && k < grp.Groups() && grp.Up[i][k] != nil {
+					gt = append(gt, mat(UpTensor(k), len(ns), d, NeuronRows(grp.Up[i][k], d, ns)))
 				}
 				groups = append(groups, gt)
 			}

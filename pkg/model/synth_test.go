@@ -91,16 +91,23 @@ func TestSynthesizeTokenizer(t *testing.T) {
 	}
 }
 
-// Fragments refuse a grouping whose refitted down projections do not fit
-// the model, naming the layer, and write a group's refitted columns for
-// the grouping's top-k only.
+// Fragments refuse a grouping whose refitted down projections, or
+// fine-tuned gate and up projections, do not fit the model, naming the
+// layer, and write a group's refitted columns and fine-tuned rows for the
+// grouping's top-k only.
 func TestGroupingDownProjection(t *testing.T) {
 	ck, err := Synthesize(synthShape, 7)
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := ck.Config
-	grouping := func(down func(l int) [][]float32) *FFNGrouping {
+	refit := make([]float32, c.Dim*c.HiddenDim)
+	tunedGate := make([]float32, c.HiddenDim*c.Dim)
+	tunedUp := make([]float32, c.HiddenDim*c.Dim)
+	for i := range refit {
+		refit[i], tunedGate[i], tunedUp[i] = float32(i), -float32(i), float32(2*i)
+	}
+	grouping := func(down, gate func(l int) [][]float32) *FFNGrouping {
 		g := &FFNGrouping{TopK: 1}
 		for l := 0; l < c.Layers; l++ {
 			var ns [][]int
@@ -115,25 +122,29 @@ func TestGroupingDownProjection(t *testing.T) {
 			g.Scorer = append(g.Scorer, make([]float32, 2*c.Dim))
 			g.Bias = append(g.Bias, make([]float32, 2))
 			g.Down = append(g.Down, down(l))
+			if gate != nil {
+				g.Gate = append(g.Gate, gate(l))
+				g.Up = append(g.Up, [][]float32{nil, tunedUp})
+			}
 		}
 		return g
 	}
-	refit := make([]float32, c.Dim*c.HiddenDim)
-	for i := range refit {
-		refit[i] = float32(i)
-	}
+	fits := func(int) [][]float32 { return [][]float32{nil, refit} }
 	for _, tc := range []struct {
-		name string
-		down func(l int) [][]float32
-		err  string
+		name       string
+		down, gate func(l int) [][]float32
+		err        string
 	}{
-		{"fits", func(int) [][]float32 { return [][]float32{nil, refit} }, ""},
-		{"short", func(l int) [][]float32 { return [][]float32{nil, refit[:l]} }, "layer 0 down projection for 1 groups has 0 values"},
-		{"for zero groups", func(int) [][]float32 { return [][]float32{refit, nil} }, "layer 0 down projection for 0 groups"},
-		{"wrong count", func(int) [][]float32 { return [][]float32{nil} }, "layer 0 has refitted down projections for 1 group counts, want 2"},
+		{"fits", fits, nil, ""},
+		{"fits tuned", fits, func(int) [][]float32 { return [][]float32{nil, tunedGate} }, ""},
+		{"short", func(l int) [][]float32 { return [][]float32{nil, refit[:l]} }, nil, "layer 0 down projection for 1 groups has 0 values"},
+		{"for zero groups", func(int) [][]float32 { return [][]float32{refit, nil} }, nil, "layer 0 down projection for 0 groups"},
+		{"wrong count", func(int) [][]float32 { return [][]float32{nil} }, nil, "layer 0 has refitted down projections for 1 group counts, want 2"},
+		{"short gate", fits, func(l int) [][]float32 { return [][]float32{nil, tunedGate[:l]} }, "layer 0 gate projection for 1 groups has 0 values"},
+		{"gate without up", fits, func(int) [][]float32 { return [][]float32{nil, nil} }, "layer 0 has a fine-tuned up projection for 1 groups without its gate projection"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			blobs, _, err := Fragments("m", ck, nil, FragmentOptions{Grouping: grouping(tc.down)})
+			blobs, _, err := Fragments("m", ck, nil, FragmentOptions{Grouping: grouping(tc.down, tc.gate)})
 			if tc.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.err) {
 					t.Fatalf("error %v, want one containing %q", err, tc.err)
@@ -166,6 +177,24 @@ func TestGroupingDownProjection(t *testing.T) {
 				}
 				if _, _, err := f.Tensor(DownTensor(2)); err == nil {
 					t.Fatalf("layer %d group %d carries a down projection for 2 groups", l, e)
+				}
+				for _, w := range []struct {
+					name  string
+					tuned []float32
+				}{{GateTensor(1), tunedGate}, {UpTensor(1), tunedUp}} {
+					got, err := f.F32(w.name, len(ns), c.Dim)
+					if tc.gate == nil {
+						if err == nil {
+							t.Fatalf("layer %d group %d carries %s without a fine-tuned projection", l, e, w.name)
+						}
+						continue
+					}
+					if err != nil {
+						t.Fatalf("layer %d group %d: %v", l, e, err)
+					}
+					if want := NeuronRows(w.tuned, c.Dim, ns); !slices.Equal(got, want) {
+						t.Fatalf("layer %d group %d: %s differs from the tuned rows", l, e, w.name)
+					}
 				}
 				n++
 			}
