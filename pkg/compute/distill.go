@@ -19,8 +19,9 @@ import (
 // choice, the chosen groups with their projections for k groups, the
 // compensation of the chosen set), with the choice held fixed in the
 // backward pass; the loss is the mean KL divergence from the dense model's
-// distribution, and the gradient reaches every layer through the
-// classifier, the norms, the residuals and causal attention.
+// distribution plus the cross-entropy of its top token (distillTop1), and
+// the gradient reaches every layer through the classifier, the norms, the
+// residuals and causal attention.
 
 // dnet is a float64 copy of a dense model and the trainable parameters of
 // its selective version with k groups active.
