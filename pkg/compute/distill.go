@@ -404,11 +404,11 @@ func (n *dnet) ffn(lay *dlayer, lt *dltape, r int, out []float64) {
 	}
 }
 
-// klLoss returns Σ over rows of KL(softmax(teacher) ‖ softmax(logits))
+// distillLoss returns Σ over rows of KL(softmax(teacher) ‖ softmax(logits))
 // plus top1 times the cross-entropy of the teacher's most likely token,
 // −log softmax(logits)[argmax teacher], and sets dlogits to its gradient
 // in the logits times scale.
-func klLoss(logits []float64, teacher []float32, vocab int, top1, scale float64, dlogits []float64) float64 {
+func distillLoss(logits []float64, teacher []float32, vocab int, top1, scale float64, dlogits []float64) float64 {
 	var loss float64
 	for r := 0; r < len(logits)/vocab; r++ {
 		z, p, dz := logits[r*vocab:(r+1)*vocab], teacher[r*vocab:(r+1)*vocab], dlogits[r*vocab:(r+1)*vocab]
@@ -713,7 +713,7 @@ func selectiveKL(ck *model.Checkpoint, calib [][]int32, k int, dense *Stage, poo
 			}
 			for i := range batch {
 				z := f64(si[i].Logits)
-				sums[s] += klLoss(z, di[i].Logits, c.Vocab, 0, 0, make([]float64, len(z)))
+				sums[s] += distillLoss(z, di[i].Logits, c.Vocab, 0, 0, make([]float64, len(z)))
 			}
 		}
 		for _, seq := range batch {
@@ -756,7 +756,7 @@ func (n *dnet) step(batch [][]int32, grads []*dgrad, dense *Stage, pool *Pool) e
 			}
 			tp := n.forward(batch[i], nil)
 			dl := make([]float64, len(tp.logits))
-			klLoss(tp.logits, items[i].Logits, n.vocab, distillTop1, scale, dl)
+			distillLoss(tp.logits, items[i].Logits, n.vocab, distillTop1, scale, dl)
 			n.backward(tp, dl, grads[i])
 		}
 	})

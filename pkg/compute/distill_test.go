@@ -45,12 +45,12 @@ func TestDistillGradient(t *testing.T) {
 	}
 	scale := 1 / float64(len(seq))
 	dl := make([]float64, len(tp.logits))
-	klLoss(tp.logits, teacher, V, distillTop1, scale, dl)
+	distillLoss(tp.logits, teacher, V, distillTop1, scale, dl)
 	gr := net.newGrad()
 	net.backward(tp, dl, gr)
 	loss := func() float64 {
 		tq := net.forward(seq, fixed)
-		return scale * klLoss(tq.logits, teacher, V, distillTop1, scale, make([]float64, len(tq.logits)))
+		return scale * distillLoss(tq.logits, teacher, V, distillTop1, scale, make([]float64, len(tq.logits)))
 	}
 	const eps = 1e-5
 	grads := gr.flat()

@@ -421,6 +421,9 @@ func (g *FFNGrouping) check(c wire.ModelConfig) error {
 	if n < 2 || len(g.Neurons) != c.Layers || len(g.Scorer) != c.Layers || len(g.Bias) != c.Layers || g.TopK < 1 || g.TopK > n {
 		return fmt.Errorf("grouping: %d layers of %d groups with top_k %d does not fit %d layers", len(g.Neurons), n, g.TopK, c.Layers)
 	}
+	if (g.Gate == nil) != (g.Up == nil) {
+		return fmt.Errorf("grouping: fine-tuned gate projections without up projections, or up without gate")
+	}
 	for l := range g.Neurons {
 		seen := make([]bool, c.HiddenDim)
 		if g.Comp != nil {
@@ -463,9 +466,6 @@ func (g *FFNGrouping) check(c wire.ModelConfig) error {
 					return fmt.Errorf("grouping: layer %d %s projection for %d groups has %d values, want %d×%d", l, p.name, k, len(w), c.HiddenDim, c.Dim)
 				}
 			}
-		}
-		if (g.Gate == nil) != (g.Up == nil) {
-			return fmt.Errorf("grouping: fine-tuned gate projections without up projections, or up without gate")
 		}
 		if g.Gate != nil {
 			for k := range g.Gate[l] {
