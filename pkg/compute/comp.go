@@ -3,6 +3,7 @@ package compute
 import (
 	"fmt"
 	"math"
+	"slices"
 
 	"github.com/tessera-grid/tessera/pkg/model"
 )
@@ -81,8 +82,12 @@ const (
 //     normalized input x, truncated to rank compRank: the compensation the
 //     stage node adds.
 //
-// dense is the whole dense model in one stage.
-func fitRefit(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, dense *Stage, pool *Pool, ks []int) error {
+// The dense model's residuals after every layer are computed first, in a
+// stage of their own, and kept; then each k's selective model runs over
+// the calibration text alone. Only one stage's scratch memory (sized for
+// every calibration row at once) is held at a time, and none is left
+// behind: the distillation's dense stage is not the one grown here.
+func fitRefit(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, pool *Pool, ks []int) error {
 	c := ck.Config
 	G := g.Groups()
 	g.Down = make([][][]float32, c.Layers)
@@ -91,8 +96,6 @@ func fitRefit(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, dense
 		g.Down[l] = make([][]float32, G)
 		g.Comp[l] = make([]*model.FFNComp, 1<<G)
 	}
-	// One selective model per k, each run a layer at a time beside one
-	// dense pass over the same sequences.
 	items := func() []*Item {
 		out := make([]*Item, len(calib))
 		for i, seq := range calib {
@@ -100,36 +103,26 @@ func fitRefit(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, dense
 		}
 		return out
 	}
-	sels := make([]*Stage, len(ks))
-	passes := make([]*Pass, len(ks))
-	unfitted := *g
-	unfitted.Down, unfitted.Comp = nil, nil
-	for i, k := range ks {
-		var err error
-		if sels[i], err = selectiveStage(ck, &unfitted, k, false, pool); err != nil {
-			return err
-		}
-		if passes[i], err = sels[i].Begin(items()); err != nil {
-			return err
-		}
-	}
-	dp, err := dense.Begin(items())
+	targets, err := denseResiduals(ck, items(), pool)
 	if err != nil {
 		return err
 	}
-	for l := 0; l < c.Layers; l++ {
-		if err := dp.Trunk(l); err != nil {
+	unfitted := *g
+	unfitted.Down, unfitted.Comp = nil, nil
+	for _, k := range ks {
+		sel, err := selectiveStage(ck, &unfitted, k, false, pool)
+		if err != nil {
 			return err
 		}
-		if err := dp.FFN(); err != nil {
+		sp, err := sel.Begin(items())
+		if err != nil {
 			return err
 		}
-		for i, k := range ks {
-			sp := passes[i]
+		for l := 0; l < c.Layers; l++ {
 			if err := sp.Trunk(l); err != nil {
 				return err
 			}
-			down, comps := fitLayerRefit(ck, l, g.Neurons[l], sp, dp.Residual, k)
+			down, comps := fitLayerRefit(ck, l, g.Neurons[l], sp, targets[l], k, pool)
 			g.Down[l][k] = down
 			for m, cp := range comps {
 				if cp != nil {
@@ -137,10 +130,10 @@ func fitRefit(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, dense
 				}
 			}
 			// The selective model runs the layer as fitted, for the next.
-			lay := sels[i].Layers[l]
+			lay := sel.Layers[l]
 			useDown(lay.Experts, g.Neurons[l], down, c.Dim, c.HiddenDim)
 			lay.Comp = comps
-			sels[i].compensate(lay, sp)
+			sel.compensate(lay, sp)
 			if err := sp.FFN(); err != nil {
 				return err
 			}
@@ -149,63 +142,139 @@ func fitRefit(ck *model.Checkpoint, calib [][]int32, g *model.FFNGrouping, dense
 	return nil
 }
 
+// denseResiduals runs items through the dense model ck, a stage of its own,
+// and returns the residual (rows × dim) after each layer.
+func denseResiduals(ck *model.Checkpoint, items []*Item, pool *Pool) ([][]float32, error) {
+	c := ck.Config
+	dense, err := StageFromCheckpoint(ck, 0, c.Layers, pool)
+	if err != nil {
+		return nil, err
+	}
+	dp, err := dense.Begin(items)
+	if err != nil {
+		return nil, err
+	}
+	out := make([][]float32, c.Layers)
+	for l := range out {
+		if err := dp.Trunk(l); err != nil {
+			return nil, err
+		}
+		if err := dp.FFN(); err != nil {
+			return nil, err
+		}
+		out[l] = slices.Clone(dp.Residual)
+	}
+	return out, nil
+}
+
 // fitLayerRefit fits layer l's down projection for k active groups and
 // the compensation of each set of k groups (see fitRefit) from the
 // selective pass sp, after the layer's trunk, and the dense model's
 // residual after the layer, target.
-func fitLayerRefit(ck *model.Checkpoint, l int, groups [][]int, sp *Pass, target []float32, k int) ([]float32, []*model.FFNComp) {
+//
+// The work is spread over the pool without changing a bit of the result:
+// rows are independent where each is computed alone, and every sum over
+// rows is taken by one worker in row order (a normal equation's rows are
+// dealt out to workers, a compensation's sets likewise). Only the upper
+// triangle of each symmetric normal matrix is summed, then mirrored.
+func fitLayerRefit(ck *model.Checkpoint, l int, groups [][]int, sp *Pass, target []float32, k int, pool *Pool) ([]float32, []*model.FFNComp) {
 	c := ck.Config
 	d, h, G := c.Dim, c.HiddenDim, len(groups)
 	w1, w2, w3 := ck.W1[l], ck.W2[l], ck.W3[l]
 	rows := sp.Rows
-	// Each row's set, chosen activations and the target less the dense
-	// down projection of those activations.
+	// Each row's set, chosen activations (in group order) and the target
+	// less the dense down projection of those activations.
 	sets := make([]int, rows)
 	ys := make([]float64, rows*d)
 	acts := make([][]float32, rows)
-	nf := h + 1<<G // features: activations (zero unless chosen), set
+	pool.For(rows, 64, func(lo, hi int) {
+		for r := lo; r < hi; r++ {
+			x := sp.Normed[r*d : (r+1)*d]
+			m := chosenSet(sp.Choices[r*k : (r+1)*k])
+			sets[r] = m
+			y := ys[r*d : (r+1)*d]
+			for i := range y {
+				y[i] = float64(target[r*d+i] - sp.Residual[r*d+i])
+			}
+			var act []float32
+			for gi, ns := range groups {
+				if m&(1<<gi) == 0 {
+					continue
+				}
+				for _, n := range ns {
+					a32 := silu(dot(w1[n*d:(n+1)*d], x)) * dot(w3[n*d:(n+1)*d], x)
+					act = append(act, a32)
+					a := float64(a32)
+					for i := range y {
+						y[i] -= float64(w2[i*h+n]) * a
+					}
+				}
+			}
+			acts[r] = act
+		}
+	})
+	// The features: activations (zero unless chosen), then one constant
+	// per set.
+	nf := h + 1<<G
 	ata := make([]float64, nf*nf)
 	aty := make([]float64, nf*d)
-	idx := make([]int, 0, h+1)
-	val := make([]float64, 0, h+1)
-	for r := 0; r < rows; r++ {
-		x := sp.Normed[r*d : (r+1)*d]
-		m := chosenSet(sp.Choices[r*k : (r+1)*k])
-		sets[r] = m
-		y := ys[r*d : (r+1)*d]
-		for i := range y {
-			y[i] = float64(target[r*d+i] - sp.Residual[r*d+i])
+	// Each set's chosen neurons in ascending order, with where each one's
+	// activation sits in a row's acts (group order), so that a row's upper
+	// triangle is a contiguous run.
+	type chosen struct{ idx, at []int }
+	sorted := make([]*chosen, 1<<G)
+	for _, m := range sets {
+		if sorted[m] != nil {
+			continue
 		}
-		idx, val = idx[:0], val[:0]
+		cs := &chosen{}
 		for gi, ns := range groups {
-			if m&(1<<gi) == 0 {
-				continue
+			if m&(1<<gi) != 0 {
+				cs.idx = append(cs.idx, ns...)
 			}
-			for _, n := range ns {
-				a := float64(silu(dot(w1[n*d:(n+1)*d], x)) * dot(w3[n*d:(n+1)*d], x))
-				idx, val = append(idx, n), append(val, a)
-				for i := range y {
-					y[i] -= float64(w2[i*h+n]) * a
+		}
+		cs.at = make([]int, len(cs.idx))
+		for i := range cs.at {
+			cs.at[i] = i
+		}
+		slices.SortFunc(cs.at, func(a, b int) int { return cs.idx[a] - cs.idx[b] })
+		ordered := make([]int, len(cs.idx))
+		for i, j := range cs.at {
+			ordered[i] = cs.idx[j]
+		}
+		cs.idx = append(ordered, h+m) // the set's constant comes last
+		sorted[m] = cs
+	}
+	stripes := 2 * pool.Workers()
+	pool.For(stripes, 1, func(lo, hi int) {
+		val := make([]float64, h+1)
+		for w := lo; w < hi; w++ {
+			for r := 0; r < rows; r++ {
+				cs := sorted[sets[r]]
+				idx := cs.idx
+				for j, at := range cs.at {
+					val[j] = float64(acts[r][at])
+				}
+				val[len(idx)-1] = 1
+				y := ys[r*d : (r+1)*d]
+				for a, ia := range idx {
+					if ia%stripes != w {
+						continue
+					}
+					va := val[a]
+					row := ata[ia*nf:]
+					for b := a; b < len(idx); b++ {
+						row[idx[b]] += va * val[b]
+					}
+					ty := aty[ia*d : (ia+1)*d]
+					for i, yi := range y {
+						ty[i] += va * yi
+					}
 				}
 			}
 		}
-		acts[r] = make([]float32, len(val))
-		for j, v := range val {
-			acts[r][j] = float32(v)
-		}
-		idx, val = append(idx, h+m), append(val, 1)
-		for a, ia := range idx {
-			va := val[a]
-			row := ata[ia*nf:]
-			for b, ib := range idx {
-				row[ib] += va * val[b]
-			}
-			ty := aty[ia*d : (ia+1)*d]
-			for i, yi := range y {
-				ty[i] += va * yi
-			}
-		}
-	}
+	})
+	mirror(ata, nf)
 	delta := solveRidge(ata, aty, nf, d, downRidge) // nf × d
 	down := make([]float32, d*h)
 	for i := 0; i < d; i++ {
@@ -214,50 +283,67 @@ func fitLayerRefit(ck *model.Checkpoint, l int, groups [][]int, sp *Pass, target
 		}
 	}
 	// What the refitted groups leave: a linear map of x per chosen set.
+	pool.For(rows, 64, func(lo, hi int) {
+		for r := lo; r < hi; r++ {
+			m := sets[r]
+			y := ys[r*d : (r+1)*d]
+			j := 0
+			for gi, ns := range groups {
+				if m&(1<<gi) == 0 {
+					continue
+				}
+				for _, nn := range ns {
+					a := float64(acts[r][j])
+					j++
+					for i := range y {
+						y[i] -= delta[nn*d+i] * a
+					}
+				}
+			}
+		}
+	})
 	n := d + 1
 	type acc struct {
 		ata, aty []float64
 		rows     int
 	}
 	accs := make([]*acc, 1<<G)
-	feat := make([]float64, n)
-	for r := 0; r < rows; r++ {
-		m := sets[r]
-		y := ys[r*d : (r+1)*d]
-		j := 0
-		for gi, ns := range groups {
-			if m&(1<<gi) == 0 {
-				continue
-			}
-			for _, nn := range ns {
-				a := float64(acts[r][j])
-				j++
-				for i := range y {
-					y[i] -= delta[nn*d+i] * a
-				}
-			}
-		}
-		for i, v := range sp.Normed[r*d : (r+1)*d] {
-			feat[i] = float64(v)
-		}
-		feat[d] = 1
-		a := accs[m]
-		if a == nil {
-			a = &acc{ata: make([]float64, n*n), aty: make([]float64, n*d)}
-			accs[m] = a
-		}
-		a.rows++
-		for i, fi := range feat {
-			row := a.ata[i*n : (i+1)*n]
-			for j, fj := range feat {
-				row[j] += fi * fj
-			}
-			ty := a.aty[i*d : (i+1)*d]
-			for j, yj := range y {
-				ty[j] += fi * yj
-			}
+	for _, m := range sets {
+		if accs[m] == nil {
+			accs[m] = &acc{ata: make([]float64, n*n), aty: make([]float64, n*d)}
 		}
 	}
+	pool.For(len(accs), 1, func(lo, hi int) {
+		feat := make([]float64, n)
+		for m := lo; m < hi; m++ {
+			a := accs[m]
+			if a == nil {
+				continue
+			}
+			for r, rm := range sets {
+				if rm != m {
+					continue
+				}
+				y := ys[r*d : (r+1)*d]
+				for i, v := range sp.Normed[r*d : (r+1)*d] {
+					feat[i] = float64(v)
+				}
+				feat[d] = 1
+				a.rows++
+				for i, fi := range feat {
+					row := a.ata[i*n : (i+1)*n]
+					for j := i; j < n; j++ {
+						row[j] += fi * feat[j]
+					}
+					ty := a.aty[i*d : (i+1)*d]
+					for j, yj := range y {
+						ty[j] += fi * yj
+					}
+				}
+			}
+			mirror(a.ata, n)
+		}
+	})
 	rank := compRank(d, h, G)
 	comps := make([]*model.FFNComp, 1<<G)
 	for m, a := range accs {
@@ -277,6 +363,15 @@ func fitLayerRefit(ck *model.Checkpoint, l int, groups [][]int, sp *Pass, target
 		comps[m] = &model.FFNComp{R: rank, U: u, V: v, B: b}
 	}
 	return down, comps
+}
+
+// mirror copies the upper triangle of the n × n matrix a to its lower.
+func mirror(a []float64, n int) {
+	for i := 0; i < n; i++ {
+		for j := i + 1; j < n; j++ {
+			a[j*n+i] = a[i*n+j]
+		}
+	}
 }
 
 // solveRidge solves (ata + λ·mean(diag ata)·I)·X = aty for X (n × m);

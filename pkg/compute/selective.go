@@ -143,7 +143,7 @@ func fitGrouping(ck *model.Checkpoint, calib [][]int32, groups, topK int, ks, di
 		g.Neurons[l] = clusterNeurons(act, rows, h, groups)
 		g.Scorer[l], g.Bias[l] = fitScorer(ck.W2[l], act, x, rows, d, h, g.Neurons[l])
 	}
-	if err := fitRefit(ck, calib, g, s, pool, ks); err != nil {
+	if err := fitRefit(ck, calib, g, pool, ks); err != nil {
 		return nil, err
 	}
 	for _, k := range distil {

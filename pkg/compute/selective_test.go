@@ -90,10 +90,12 @@ func TestSelectiveAllGroupsReproducesReference(t *testing.T) {
 }
 
 // FitGroupingFor fits the refit of its top-k only, the same as
-// FitGrouping's for that k.
+// FitGrouping's for that k, bit for bit on a pool of another size.
 func TestFitGroupingForOneTopK(t *testing.T) {
-	ck, _, pool, calib, all := demoGrouping(t, 4, 64, 2)
-	two, err := FitGroupingFor(ck, calib, selectiveGroups, 2, pool)
+	ck, _, _, calib, all := demoGrouping(t, 4, 64, 2)
+	three := NewPool(3)
+	defer three.Close()
+	two, err := FitGroupingFor(ck, calib, selectiveGroups, 2, three)
 	if err != nil {
 		t.Fatal(err)
 	}
