@@ -424,18 +424,17 @@ func SplitFFN(l *Layer, groups [][]int) ([]*Expert, error) {
 		if len(ns) == 0 {
 			return nil, fmt.Errorf("%w: neuron group %d is empty", ErrInput, g)
 		}
-		w1 := make([]float32, 0, len(ns)*d)
-		w3 := make([]float32, 0, len(ns)*d)
 		for _, n := range ns {
 			if n < 0 || n >= h || seen[n] {
 				return nil, fmt.Errorf("%w: neuron %d of group %d is outside 0..%d or in two groups", ErrInput, n, g, h-1)
 			}
 			seen[n] = true
-			w1 = append(w1, l.W1.F32[n*d:(n+1)*d]...)
-			w3 = append(w3, l.W3.F32[n*d:(n+1)*d]...)
 		}
-		w2 := model.NeuronColumns(l.W2.F32, d, h, ns)
-		out[g] = &Expert{W1: NewMatrixF32(len(ns), d, w1), W2: NewMatrixF32(d, len(ns), w2), W3: NewMatrixF32(len(ns), d, w3)}
+		out[g] = &Expert{
+			W1: NewMatrixF32(len(ns), d, model.NeuronRows(l.W1.F32, d, ns)),
+			W2: NewMatrixF32(d, len(ns), model.NeuronColumns(l.W2.F32, d, h, ns)),
+			W3: NewMatrixF32(len(ns), d, model.NeuronRows(l.W3.F32, d, ns)),
+		}
 	}
 	for n, ok := range seen {
 		if !ok {

@@ -586,10 +586,9 @@ func Fragments(id string, ck *Checkpoint, tokenizer []byte, opts FragmentOptions
 					gt = append(gt, mat(DownTensor(k), d, len(ns), NeuronColumns(grp.Down[i][k], d, f, ns)))
 				}
 				if k := grp.TopK; grp.Gate != nil && k < grp.Groups() && grp.Gate[i][k] != nil {
-					gt = append(gt, mat(GateTensor(k), len(ns), d, NeuronRows(grp.Gate[i][k], d, ns)))
-				}
-				if k := grp.TopK; grp.Up != nil && k < grp.Groups() && grp.Up[i][k] != nil {
-					gt = append(gt, mat(UpTensor(k), len(ns), d, NeuronRows(grp.Up[i][k], d, ns)))
+					// The check has made sure the up projection is there too.
+					gt = append(gt, mat(GateTensor(k), len(ns), d, NeuronRows(grp.Gate[i][k], d, ns)),
+						mat(UpTensor(k), len(ns), d, NeuronRows(grp.Up[i][k], d, ns)))
 				}
 				groups = append(groups, gt)
 			}
@@ -655,16 +654,11 @@ func Fragments(id string, ck *Checkpoint, tokenizer []byte, opts FragmentOptions
 // dense ck (rows of w1 and w3, columns of w2), and the neuron indices.
 func neuronGroup(ck *Checkpoint, i int, ns []int, mat func(string, int, int, []float32) Tensor) []Tensor {
 	d, f := ck.Config.Dim, ck.Config.HiddenDim
-	w1 := make([]float32, 0, len(ns)*d)
-	w3 := make([]float32, 0, len(ns)*d)
-	w2 := NeuronColumns(ck.W2[i], d, f, ns)
 	idx := make([]float32, len(ns))
 	for j, n := range ns {
-		w1 = append(w1, ck.W1[i][n*d:(n+1)*d]...)
-		w3 = append(w3, ck.W3[i][n*d:(n+1)*d]...)
 		idx[j] = float32(n)
 	}
-	return []Tensor{mat("w1", len(ns), d, w1), mat("w2", d, len(ns), w2), mat("w3", len(ns), d, w3),
+	return []Tensor{mat("w1", len(ns), d, NeuronRows(ck.W1[i], d, ns)), mat("w2", d, len(ns), NeuronColumns(ck.W2[i], d, f, ns)), mat("w3", len(ns), d, NeuronRows(ck.W3[i], d, ns)),
 		{Name: "neurons", Shape: []int{len(ns)}, Values: idx, DType: DTypeF32}}
 }
 
